@@ -1,0 +1,1 @@
+"""kdcache pipeline: corpus -> teacher actors -> shards; students from shards; recipes; CLI."""

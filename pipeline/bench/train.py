@@ -1,0 +1,403 @@
+"""`kdcache bench train`: what training from the cache costs, measured in one run on one machine.
+
+    kdcache bench train [--quick] [--json]
+    .venv/bin/python -m pipeline.bench.train --quick --json
+
+Setup: a BERT-base-sized masked-LM teacher (12 layers, 768 wide, 12 heads, vocab 30,522; random
+init, no download) over a synthetic corpus, cached by the real teacher pass (`run_cache_pass(...,
+executor="local")`: top-k 64, mask positions, last hidden layer), and a 6-layer student copied from
+it (`init_student_from_teacher`, DistilBERT style). The DistilBERT loss preset throughout.
+
+Figures (step = forward + backward + optimiser step of the student, on the same batches):
+  cache_path_overhead             step from the cache (reader + decode + step) / step with the
+                                  same targets already decoded in memory
+  cached_over_online_step         step from the cache / online KD (teacher forward every step,
+                                  same student, batches and loss), KD at every position
+  cached_over_online_step_masked  the same with KD restricted to the masked positions; the online
+                                  teacher then runs its vocabulary projection only there
+  reader_over_train               shard-reader tokens/s (read + decode to tensors, one process) /
+                                  student training tokens/s of one worker
+  rss_ratio_10x                   peak RSS of a fresh process streaming a 10x larger cache / the
+                                  1x cache (1.0 = streaming: memory does not grow with the cache)
+  ray_train_startup_s             TorchTrainer.fit() to the first batch in the worker (1 worker)
+
+Variants run interleaved, in rounds, after warm-up steps; the median step time per variant is used
+(this machine's noise between identical runs is about +-15%: compare ratios, not absolute times).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+SIZES = {
+    # sequences in the 1x cache, tokens per sequence, rows per step, warm-up steps, rounds, steps per round
+    "quick": dict(sequences=48, seq_len=64, batch=4, warmup=1, rounds=2, steps=2),
+    "full": dict(sequences=160, seq_len=128, batch=8, warmup=2, rounds=3, steps=3),
+}
+VOCAB = 30522
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="smaller sizes: under 3 minutes on 2 cores")
+    p.add_argument("--json", action="store_true", help="print one JSON object (last line)")
+    p.add_argument("--workdir", default=None, help="where to put teacher, caches, student (default: a temp dir)")
+    p.add_argument("--no-ray", action="store_true", help="skip the Ray Train start-up measurement")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)  # internal: one streaming reader
+    p.add_argument("--batch-size", type=int, default=8, help=argparse.SUPPRESS)
+
+
+# --------------------------------------------------------------------------------------------- #
+# setup
+# --------------------------------------------------------------------------------------------- #
+
+
+def make_teacher(folder: Path, seed: int = 0) -> str:
+    """BERT-base config, random init, with a 30,522-entry WordPiece vocab of made-up words."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    (folder / "vocab.txt").write_text("\n".join(special + [f"w{i}" for i in range(VOCAB - len(special))]) + "\n")
+    tok = BertTokenizerFast.from_pretrained(str(folder))
+    torch.manual_seed(seed)
+    model = BertForMaskedLM(BertConfig(vocab_size=len(tok)))  # bert-base-uncased's sizes
+    model.save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    return str(folder)
+
+
+def make_corpus(path: Path, tokens: int, seed: int = 0) -> str:
+    """Zipf-distributed words from the vocabulary, enough for `tokens` tokens in pack mode."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    n_words = VOCAB - 5
+    with open(path, "w") as f:
+        written = 0
+        while written < tokens * 1.1:
+            n = int(rng.integers(50, 400))
+            ids = np.minimum(rng.zipf(1.2, size=n), n_words) - 1
+            f.write(json.dumps({"text": " ".join(f"w{i}" for i in ids)}) + "\n")
+            written += n
+    return str(path)
+
+
+def copy_cache(src: str, dst: str, copies: int) -> None:
+    """Write `copies` x the rows of `src` (sample ids shifted) into a new cache with the same options."""
+    import dataclasses
+
+    from storage import CacheReader, CacheWriter
+
+    reader = CacheReader(src, verify="off")
+    header = dataclasses.replace(reader.manifest.header,
+                                 generation={**reader.manifest.header.generation, "bench_copies": copies})
+    writer = CacheWriter(dst, header, overwrite=True)
+    n_rows = reader.manifest.rows
+    index = 0
+    for c in range(copies):
+        for shard in reader.shards:
+            with writer.shard_writer(index) as w:
+                for batch in reader.iter_numpy(None, batch_size=64, shards=[shard]):
+                    batch["sample_id"] = batch["sample_id"] + c * n_rows
+                    w.write(batch)
+            index += 1
+    writer.commit(expected_shards=index)
+
+
+# --------------------------------------------------------------------------------------------- #
+# online KD: the teacher's targets computed every step, in torch, shaped like the cache's
+# --------------------------------------------------------------------------------------------- #
+
+
+def online_targets(teacher, batch: dict, k: int, last_layer: int, masked: bool) -> dict:
+    import torch
+
+    with torch.no_grad():  # not inference_mode: the losses save these tensors for backward
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if not masked:
+            out = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+            logp = torch.log_softmax(out.logits.float(), -1)
+            hidden = out.hidden_states[last_layer]
+        else:
+            # The vocabulary projection (the expensive head) only at the M masked positions.
+            hidden = teacher.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+            pos = batch["mlm_positions"].clamp(min=0)
+            h_m = hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1]))
+            logp = torch.log_softmax(teacher.cls(h_m).float(), -1)  # [B, M, V]
+        top_lp, top_ids = torch.topk(logp, k, dim=-1)
+        tail = torch.log(-torch.expm1(torch.logsumexp(top_lp, -1)).clamp(min=0)).clamp(min=-1e4)
+        if masked:  # back to [B, T, ...], where the masked KD loss gathers them
+            B, T = ids.shape
+            full_ids = torch.zeros(B, T, k, dtype=top_ids.dtype)
+            full_lp = torch.zeros(B, T, k)
+            full_tail = torch.zeros(B, T)
+            idx = pos[..., None].expand(-1, -1, k)
+            full_ids.scatter_(1, idx, top_ids)
+            full_lp.scatter_(1, idx, top_lp)
+            full_tail.scatter_(1, pos, tail)
+            top_ids, top_lp, tail = full_ids, full_lp, full_tail
+    return {**batch, "topk_ids": top_ids, "topk_logprobs": top_lp, "topk_log_tail": tail,
+            f"hidden_{last_layer}": hidden}
+
+
+# --------------------------------------------------------------------------------------------- #
+# measurements
+# --------------------------------------------------------------------------------------------- #
+
+
+def _peak_rss_kb() -> int:
+    # VmHWM, not getrusage's ru_maxrss: on Linux a child's ru_maxrss starts at the forking parent's
+    # peak (here the bench process with two BERTs), so it would hide the reader's own peak.
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # not Linux: best effort
+
+
+def rss_child(cache: str, batch_size: int) -> dict[str, Any]:
+    """In a fresh process: stream the whole cache the way a training worker does; peak RSS."""
+    from storage import CacheReader
+
+    from pipeline.train import RankStream, prefetched
+
+    before = _peak_rss_kb()
+    reader = CacheReader(cache, verify="full")
+    cols = reader.resolve_columns(["input_ids", "topk", "mlm", f"hidden_{max(reader.spec.hidden_layers)}"])
+    stream = RankStream(reader, cols, batch_size, 0, 1)
+    rows = tokens = 0
+    for batch in prefetched(stream.batches(0), 2):
+        rows += batch["rows"]
+        tokens += int(batch["attention_mask"].sum())
+    peak = _peak_rss_kb()
+    return {"rows": rows, "tokens": tokens, "bytes": reader.manifest.bytes, "rss_after_imports_kb": before,
+            "peak_rss_kb": peak}
+
+
+def _run_rss_child(cache: str, batch_size: int) -> dict[str, Any]:
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "pipeline.bench.train", "--rss-child", cache,
+                           "--batch-size", str(batch_size)], capture_output=True, text=True, env=env, cwd=root)
+    if proc.returncode:
+        raise RuntimeError(f"RSS child failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _reader_tokens_per_s(cache: str, columns: list[str], batch_size: int, min_s: float) -> float:
+    from storage import CacheReader
+
+    from pipeline.train import RankStream
+
+    reader = CacheReader(cache, verify="full")
+    stream = RankStream(reader, columns, batch_size, 0, 1)
+    tokens, t0, epoch = 0, time.perf_counter(), 0
+    while time.perf_counter() - t0 < min_s or epoch == 0:
+        for batch in stream.batches(epoch):
+            tokens += int(batch["attention_mask"].sum())
+        epoch += 1
+    return tokens / (time.perf_counter() - t0)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run(args) -> int:
+    if args.rss_child:
+        print(json.dumps(rss_child(args.rss_child, args.batch_size)))
+        return 0
+    import dataclasses
+    import itertools
+
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from pipeline.cache_pass import CacheConfig, run_cache_pass
+    from pipeline.student import init_student_from_teacher
+    from pipeline.train import (RankStream, build_components, load_train_config, plan_run, prefetched, step_seed,
+                                to_device, train_step)
+    from storage import CacheReader
+
+    hf_logging.disable_progress_bar()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    size = SIZES["quick" if args.quick else "full"]
+    t_start = time.perf_counter()
+    tmp = None
+    if args.workdir:
+        work = Path(args.workdir)
+        work.mkdir(parents=True, exist_ok=True)
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="kdcache-bench-train-")
+        work = Path(tmp.name)
+    B, T, K = size["batch"], size["seq_len"], 64
+    try:
+        # -- teacher, cache, student --------------------------------------------------------------
+        teacher_dir = make_teacher(work / "teacher")
+        corpus = make_corpus(work / "corpus.jsonl", size["sequences"] * T)
+        cache = str(work / "cache")
+        t0 = time.perf_counter()
+        cc = CacheConfig(teacher=teacher_dir, corpus=[corpus], out=cache, max_length=T, top_k=K, hidden_layers="12",
+                         batch_size=B, shard_tokens=max(T, size["sequences"] * T // 4), max_sequences=size["sequences"],
+                         overwrite=True, progress=False)
+        cache_summary = run_cache_pass(cc, executor="local", log=lambda *_: None)
+        teacher_pass_s = time.perf_counter() - t0
+        log(f"teacher pass: {cache_summary['tokens_total']} tokens in {teacher_pass_s:.1f}s, "
+            f"{cache_summary['bytes_total'] / 1e6:.1f} MB")
+        student_dir = work / "student"
+        init_student_from_teacher(teacher_dir, student_dir, num_layers=6)
+
+        # -- the same components a training worker builds -----------------------------------------
+        def config(kd_positions: str):
+            return load_train_config("distilbert", None, {
+                "cache": cache, "student": str(student_dir), "out": str(work / "run"), "batch_size": B,
+                "steps": 10_000, "no_ray": True, "kd_positions": kd_positions, "progress": False})
+
+        cfg_all, cfg_masked = config("all"), config("masked")
+        plan_all, plan_masked = plan_run(cfg_all), plan_run(cfg_masked)
+        device = torch.device("cpu")
+        comp = build_components(cfg_all, plan_all, device)
+        comp_masked = dataclasses.replace(comp, loss_fn=build_components(cfg_masked, plan_masked, device).loss_fn)
+        reader = CacheReader(cache, verify="full")
+
+        def stream_of(plan):
+            s = RankStream(reader, plan.columns, B, 0, 1)
+            return prefetched(itertools.chain.from_iterable(s.batches(e) for e in itertools.count()), 2)
+
+        memory = [b for b in RankStream(reader, plan_masked.columns, B, 0, 1).batches(0) if b["rows"] == B]
+        mem_iter = itertools.cycle(memory)
+        from transformers import BertForMaskedLM
+
+        teacher = BertForMaskedLM.from_pretrained(teacher_dir).eval()  # only the online baselines use it
+        last = max(reader.spec.hidden_layers)
+
+        def prep(batch):
+            batch = dict(batch)
+            batch.pop("rows", None)
+            batch.pop("sample_id", None)
+            return to_device(batch, device)
+
+        variants = {
+            "memory": (comp, lambda: prep(next(mem_iter))),
+            "cache": (comp, lambda it=stream_of(plan_all): prep(next(it))),
+            "online": (comp, lambda: online_targets(teacher, prep(next(mem_iter)), K, last, masked=False)),
+            "cache_masked": (comp_masked, lambda it=stream_of(plan_masked): prep(next(it))),
+            "online_masked": (comp_masked, lambda: online_targets(teacher, prep(next(mem_iter)), K, last, masked=True)),
+        }
+        times: dict[str, list[float]] = {k: [] for k in variants}
+        tokens: dict[str, int] = {k: 0 for k in variants}
+        step = 0
+
+        def one(name: str) -> tuple[float, int]:
+            nonlocal step
+            c, get = variants[name]
+            t = time.perf_counter()
+            batch = get()  # data (cache read/decode, or the teacher's forward) is part of the step
+            step += 1
+            train_step(c, batch, step_seed(0, step, 0))
+            return time.perf_counter() - t, int(batch["attention_mask"].sum())
+
+        for name in variants:  # warm-up: first calls allocate, fill the prefetch queue
+            for _ in range(size["warmup"]):
+                one(name)
+        for r in range(size["rounds"]):
+            for name in variants:
+                for _ in range(size["steps"]):
+                    dt, n = one(name)
+                    times[name].append(dt)
+                    tokens[name] += n
+            log(f"round {r + 1}/{size['rounds']}: " + ", ".join(f"{k} {statistics.median(v):.3f}s"
+                                                                for k, v in times.items()))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        train_tps = tokens["cache"] / sum(times["cache"])
+
+        # -- reader throughput, one process -------------------------------------------------------
+        reader_tps = _reader_tokens_per_s(cache, plan_all.columns, B, min_s=3.0 if args.quick else 8.0)
+
+        # -- streaming memory: 1x vs 10x cache, each in a fresh process --------------------------
+        cache10 = str(work / "cache10")
+        t0 = time.perf_counter()
+        copy_cache(cache, cache10, 10)
+        log(f"10x cache written in {time.perf_counter() - t0:.1f}s")
+        rss1 = _run_rss_child(cache, B)
+        rss10 = _run_rss_child(cache10, B)
+
+        # -- Ray Train start-up -------------------------------------------------------------------
+        ray_startup = ray_init_s = None
+        if not args.no_ray:
+            import ray
+
+            from pipeline.train import train
+
+            del teacher, comp, comp_masked, variants
+            t0 = time.perf_counter()
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+            ray_init_s = time.perf_counter() - t0
+            try:
+                rc = load_train_config("distilbert", None, {
+                    "cache": cache, "student": str(student_dir), "out": str(work / "ray-run"), "batch_size": B,
+                    "steps": 2, "workers": 1, "progress": False, "tensorboard": False})
+                summary = train(rc, log=log)
+                ray_startup = summary["startup_s"]
+            finally:
+                ray.shutdown()
+
+        result = {
+            "cache_path_overhead": med["cache"] / med["memory"],
+            "cached_over_online_step": med["cache"] / med["online"],
+            "cached_over_online_step_masked": med["cache_masked"] / med["online_masked"],
+            "reader_over_train": reader_tps / train_tps,
+            "rss_ratio_10x": rss10["peak_rss_kb"] / rss1["peak_rss_kb"],
+            "ray_train_startup_s": ray_startup,
+            "ray_init_s": ray_init_s,
+            "step_s": med,
+            "reader_tokens_per_s": reader_tps,
+            "train_tokens_per_s": train_tps,
+            "rss_kb": {"1x": rss1, "10x": rss10},
+            "teacher_pass_s": teacher_pass_s,
+            "cache_tokens": cache_summary["tokens_total"],
+            "cache_bytes": cache_summary["bytes_total"],
+            "sizes": {**size, "k": K, "teacher": "bert-base config (12x768), random init", "student_layers": 6},
+            "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                        "torch": torch.__version__},
+            "seconds": time.perf_counter() - t_start,
+        }
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+    print(f"cache path overhead (cache / in-memory targets)   {result['cache_path_overhead']:.3f}x")
+    print(f"cached / online KD step, KD at every position     {result['cached_over_online_step']:.3f}x")
+    print(f"cached / online KD step, KD at masked positions   {result['cached_over_online_step_masked']:.3f}x")
+    print(f"reader tokens/s / training tokens/s per worker    {result['reader_over_train']:.1f}x "
+          f"({reader_tps:,.0f} vs {train_tps:,.0f})")
+    print(f"peak RSS streaming 10x / 1x cache                 {result['rss_ratio_10x']:.3f} "
+          f"({rss10['peak_rss_kb'] / 1024:.0f} vs {rss1['peak_rss_kb'] / 1024:.0f} MB)")
+    if ray_startup is not None:
+        print(f"Ray Train start-up (fit() -> first batch)         {ray_startup:.1f}s (+ ray.init {ray_init_s:.1f}s)")
+    print("step medians: " + ", ".join(f"{k} {v:.3f}s" for k, v in result["step_s"].items()))
+    if args.json:
+        sys.stdout.flush()
+        print(json.dumps(result, sort_keys=True, default=str), flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.bench.train", description=__doc__.split("\n")[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

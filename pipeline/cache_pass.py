@@ -1,0 +1,348 @@
+"""The teacher pass: Ray actors run the teacher once over a corpus and fill a cache.
+
+Driver (this process): streams the corpus, tokenises it, cuts it into deterministic shards, hands
+shards to idle actors, retries shards whose actor died (never those that raised), and commits the
+manifest last. Actors: load the teacher once, then for each shard run forward passes and write
+the shard (compression runs in a background thread, overlapping the next forward).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+
+from storage import CacheSpec, CacheWriter, Header, ShardInfo, WriteOptions
+from storage.fs import Location, redact
+
+from .faults import maybe_fail
+
+DEFAULT_SHARD_BYTES = 256 << 20
+
+
+@dataclass
+class CacheConfig:
+    """Every option of `kdcache cache` / `kdcache plan` (YAML keys = these names)."""
+
+    teacher: str
+    corpus: list[str]
+    out: str = ""
+    mode: str = "pack"  # pack (pretraining distillation) | examples (task distillation)
+    max_length: int = 128
+    top_k: int = 64  # 0 = no soft targets
+    sample: int = 0  # > 0: RS-KD targets with this many draws per token instead of top-k
+    hidden_layers: str = "none"  # "0,3,6" | all | none (0 = embedding output)
+    attention_layers: str = "none"  # "6" | all | none (1-based)
+    dtype: str = "float16"  # hidden states: float16 | bfloat16 | int8
+    attention_dtype: str = ""  # float16 | bfloat16 | uint8; default: dtype (uint8 when dtype=int8)
+    mlm_probability: float = 0.15  # masked-LM teachers only
+    dupe_factor: int = 1
+    seed: int = 0
+    batch_size: int = 32
+    actors: int = 0  # 0 = one per GPU, or 1 on a machine without GPUs
+    gpus_per_actor: float = 1.0
+    cpus_per_actor: float = 1.0
+    shard_tokens: int = 0  # 0 = auto: about 256 MB per shard
+    text_field: str = "text"
+    label_field: str | None = None
+    label_map: dict | None = None
+    include_labels: list | None = None
+    txt_mode: str = "line"
+    encoding_errors: str = "strict"
+    corpus_format: str | None = None
+    task_logits: bool = True  # classifier teachers: cache per-example logits
+    topk_codec: str = ""  # default: storage.codecs.DEFAULT_TOPK_CODEC
+    zstd_level: int = 3
+    overwrite: bool = False
+    max_retries: int = 3  # per shard, for system failures (actor/node death) only
+    teacher_kind: str = "auto"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    device: str = "auto"
+    autocast: str = "auto"
+    address: str | None = None  # Ray cluster; default: RAY_ADDRESS or a local cluster
+    max_sequences: int = 0  # stop after this many sequences (0 = whole corpus)
+    progress: bool = True
+
+
+def parse_layers(value: str | list | tuple, n_layers: int, first: int, what: str) -> tuple[int, ...]:
+    """'0,3,6' | 'all' | 'none' -> sorted layer indices, checked against the teacher's depth."""
+    if isinstance(value, (list, tuple)):
+        items = [str(v) for v in value]
+    else:
+        items = [v for v in str(value).replace(" ", "").split(",") if v]
+    if items in (["none"], []):
+        return ()
+    if items == ["all"]:
+        return tuple(range(first, n_layers + 1))
+    try:
+        layers = sorted({int(v) for v in items})
+    except ValueError:
+        raise ValueError(f"--{what}: expected comma-separated integers, 'all' or 'none', got {value!r}") from None
+    bad = [layer for layer in layers if not first <= layer <= n_layers]
+    if bad:
+        raise ValueError(f"--{what}: layer(s) {bad} out of range; the teacher has layers {first}..{n_layers}")
+    return tuple(layers)
+
+
+@dataclass
+class Prepared:
+    """What the driver derives before any actor starts."""
+
+    cfg: CacheConfig
+    spec: CacheSpec
+    header: Header
+    kind: str
+    sequences_per_shard: int
+    pad_id: int
+
+
+def prepare(cfg: CacheConfig) -> Prepared:
+    """Read the teacher's config and tokenizer (never its weights) and fix the cache's options."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from storage.codecs import DEFAULT_TOPK_CODEC
+    from .teacher import TeacherOptions, check_weights, detect_kind, teacher_fingerprint_from_config, tokenizer_fingerprint
+
+    opts = teacher_options(cfg)
+    check_weights(cfg.teacher, cfg.allow_pickle)
+    config = AutoConfig.from_pretrained(cfg.teacher, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.teacher, revision=cfg.revision,
+                                              trust_remote_code=cfg.trust_remote_code)
+    kind = detect_kind(config) if cfg.teacher_kind == "auto" else cfg.teacher_kind
+    n_layers = config.num_hidden_layers
+    has_lm_head = kind in ("masked-lm", "causal-lm")
+    if cfg.mode not in ("pack", "examples"):
+        raise ValueError(f"--mode must be pack or examples, got {cfg.mode!r}")
+    if cfg.sample and cfg.top_k and cfg.sample > 0 and cfg.top_k != 64:
+        raise ValueError("give either --top-k or --sample, not both")
+    targets = "none"
+    if has_lm_head and cfg.sample > 0:
+        targets = "sampled"
+    elif has_lm_head and cfg.top_k > 0:
+        targets = "topk"
+    vocab_size = max(int(config.vocab_size), len(tokenizer))
+    if targets == "topk" and cfg.top_k > vocab_size:
+        raise ValueError(f"--top-k {cfg.top_k} is larger than the vocabulary ({vocab_size} tokens)")
+    hidden_dtype = cfg.dtype
+    attention_dtype = cfg.attention_dtype or ("uint8" if cfg.dtype == "int8" else cfg.dtype)
+    if cfg.max_length > getattr(config, "max_position_embeddings", cfg.max_length):
+        raise ValueError(f"--max-length {cfg.max_length} exceeds the teacher's max_position_embeddings "
+                         f"{config.max_position_embeddings}")
+    spec = CacheSpec(
+        vocab_size=vocab_size, max_length=cfg.max_length, targets=targets, k=cfg.top_k if targets == "topk" else 64,
+        num_samples=cfg.sample if targets == "sampled" else 0, topk_codec=cfg.topk_codec or DEFAULT_TOPK_CODEC,
+        hidden_layers=parse_layers(cfg.hidden_layers, n_layers, 0, "hidden-layers"), hidden_size=config.hidden_size,
+        hidden_dtype=hidden_dtype,
+        attention_layers=parse_layers(cfg.attention_layers, n_layers, 1, "attention-layers"),
+        num_heads=config.num_attention_heads, attention_dtype=attention_dtype,
+        mlm=kind == "masked-lm", num_labels=int(config.num_labels) if kind == "classifier" and cfg.task_logits else 0,
+        has_labels=cfg.mode == "examples" and cfg.label_field is not None,
+    )
+    generation = {
+        "mode": cfg.mode, "max_length": cfg.max_length, "seed": cfg.seed,
+        "mlm_probability": cfg.mlm_probability if spec.mlm else None, "dupe_factor": cfg.dupe_factor if spec.mlm else 1,
+        "temperature": 1.0, "corpus": [redact(p) for p in cfg.corpus], "text_field": cfg.text_field,
+        "label_field": cfg.label_field, "label_map": cfg.label_map, "include_labels": cfg.include_labels,
+        "txt_mode": cfg.txt_mode, "encoding_errors": cfg.encoding_errors, "max_sequences": cfg.max_sequences,
+        "autocast": cfg.autocast,
+    }
+    header = Header(spec=spec, teacher=teacher_fingerprint_from_config(opts, config, kind),
+                    tokenizer=tokenizer_fingerprint(tokenizer), generation=generation)
+    shard_tokens = cfg.shard_tokens or auto_shard_tokens(spec)
+    per_shard = max(1, shard_tokens // cfg.max_length)
+    header.generation["sequences_per_shard"] = per_shard
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    return Prepared(cfg=cfg, spec=spec, header=header, kind=kind, sequences_per_shard=per_shard, pad_id=int(pad))
+
+
+def auto_shard_tokens(spec: CacheSpec) -> int:
+    from .plan import bytes_per_token
+
+    per_token = sum(bytes_per_token(spec).values())
+    return int(min(max(DEFAULT_SHARD_BYTES / per_token, 4096), 4_000_000))
+
+
+def teacher_options(cfg: CacheConfig):
+    from .teacher import TeacherOptions
+
+    return TeacherOptions(name_or_path=cfg.teacher, kind=cfg.teacher_kind, revision=cfg.revision,
+                          trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, device=cfg.device,
+                          autocast=cfg.autocast)
+
+
+def iter_shard_inputs(prep: Prepared) -> Iterator[tuple[int, list]]:
+    """(shard index, sequences) in deterministic order: the same corpus and options, the same shards."""
+    import itertools
+
+    from transformers import AutoTokenizer
+
+    from .corpus import CorpusSpec, iter_documents
+    from .sequences import iter_sequences, plan_shards
+
+    cfg = prep.cfg
+    tokenizer = AutoTokenizer.from_pretrained(cfg.teacher, revision=cfg.revision,
+                                              trust_remote_code=cfg.trust_remote_code)
+    corpus = CorpusSpec(paths=cfg.corpus, text_field=cfg.text_field, label_field=cfg.label_field,
+                        label_map=cfg.label_map, include_labels=cfg.include_labels, txt_mode=cfg.txt_mode,
+                        encoding_errors=cfg.encoding_errors, format=cfg.corpus_format)
+    seqs = iter_sequences(iter_documents(corpus), tokenizer, mode=cfg.mode, max_length=cfg.max_length)
+    if cfg.max_sequences:
+        seqs = itertools.islice(seqs, cfg.max_sequences)
+    return plan_shards(seqs, prep.sequences_per_shard)
+
+
+class ShardProcessor:
+    """Turns one shard's sequences into a committed shard. Runs inside an actor (or in-process)."""
+
+    def __init__(self, prep: Prepared, out_url: str, storage_options: dict | None = None):
+        import torch
+
+        from .masking import TokenizerInfo
+        from .teacher import OutputSpec, TeacherRunner, load_teacher
+
+        self.prep = prep
+        spec = prep.spec
+        model, tokenizer, kind = load_teacher(teacher_options(prep.cfg), need_attentions=bool(spec.attention_layers))
+        self.tok_info = TokenizerInfo.from_tokenizer(tokenizer)
+        if spec.mlm and self.tok_info.mask_token_id is None:
+            raise ValueError(f"teacher {prep.cfg.teacher} is a masked LM but its tokenizer has no mask token")
+        out = OutputSpec(targets=spec.targets, k=spec.k, num_samples=spec.num_samples,
+                         hidden_layers=spec.hidden_layers, hidden_dtype=spec.hidden_dtype,
+                         attention_layers=spec.attention_layers, attention_dtype=spec.attention_dtype,
+                         task_logits=spec.num_labels > 0, seed=prep.cfg.seed)
+        self.runner = TeacherRunner(model, kind, out, teacher_options(prep.cfg))
+        self.loc = Location.parse(out_url, storage_options)
+        self.options = WriteOptions(zstd_level=prep.cfg.zstd_level)
+        self.forward_calls = 0
+        self.torch = torch
+
+    def batches(self, sequences: list) -> Iterator[dict[str, Any]]:
+        from .masking import iter_masked
+        from .sequences import batch_sequences
+
+        cfg = self.prep.cfg
+        seqs = sequences
+        if self.prep.spec.mlm:
+            seqs = iter_masked(sequences, self.tok_info, dupe_factor=cfg.dupe_factor, seed=cfg.seed,
+                               probability=cfg.mlm_probability)
+        for batch in batch_sequences(seqs, cfg.batch_size, self.prep.pad_id):
+            if "mlm_positions" in batch:
+                batch["mlm_positions"] = np.where(batch["mlm_labels"] >= 0, batch["mlm_positions"], -1)
+            yield batch
+
+    def process(self, index: int, sequences: list) -> dict[str, Any]:
+        from storage.writer import ShardWriter
+
+        writer = ShardWriter(self.loc, index, self.prep.spec, self.options)
+        # One background thread: Parquet encoding + zstd of batch i overlap the forward of batch i+1.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"write-{index}") as pool:
+            pending = None
+            try:
+                for n, batch in enumerate(self.batches(sequences)):
+                    outputs = self.runner(batch)
+                    self.forward_calls += 1
+                    if n == 1 or len(sequences) <= self.prep.cfg.batch_size:
+                        maybe_fail("die", index)  # mid-shard: one batch already handed to the writer
+                        maybe_fail("raise", index)
+                    if pending is not None:
+                        pending.result()
+                    pending = pool.submit(writer.write, {**batch, **outputs})
+                if pending is not None:
+                    pending.result()
+            except BaseException:
+                writer.abort()
+                raise
+        return dataclasses.asdict(writer.close())
+
+
+COUNT_LIMIT_BYTES = 256 << 20  # below this, count the corpus first so the progress bar has a total
+
+
+def _corpus_bytes(paths: list[str]) -> int | None:
+    from .corpus import expand_paths
+
+    try:
+        total = 0
+        for p in expand_paths(paths):
+            loc_fs, path = __import__("fsspec").core.url_to_fs(p)
+            total += loc_fs.du(path) if loc_fs.isdir(path) else loc_fs.size(path)
+        return total
+    except Exception:  # noqa: BLE001 - only used to decide whether to count
+        return None
+
+
+def count_shards(prep: Prepared) -> int:
+    return sum(1 for _ in iter_shard_inputs(prep))
+
+
+def run_cache_pass(cfg: CacheConfig, *, executor: str = "ray", storage_options: dict | None = None,
+                   log=print) -> dict[str, Any]:
+    """Fill `cfg.out` with the teacher's outputs; idempotent and resumable. Returns a summary dict."""
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    prep = prepare(cfg)
+    writer = CacheWriter(cfg.out, prep.header, overwrite=cfg.overwrite, storage_options=storage_options,
+                         options=WriteOptions(zstd_level=cfg.zstd_level))
+    summary: dict[str, Any] = {"out": redact(cfg.out), "fingerprint": prep.header.fingerprint}
+    if writer.complete is not None:
+        m = writer.complete
+        log(f"{redact(cfg.out)} already holds this cache ({len(m.shards)} shards, {m.tokens:,} tokens): "
+            "no new inference")
+        return {**summary, "shards_total": len(m.shards), "shards_written": 0, "shards_skipped": len(m.shards),
+                "tokens_written": 0, "forward_calls": 0, "seconds": time.perf_counter() - started,
+                "already_complete": True}
+    committed = writer.committed()
+    size = _corpus_bytes(cfg.corpus)
+    total = count_shards(prep) if size is not None and size <= COUNT_LIMIT_BYTES else None
+    if committed:
+        log(f"resuming: {len(committed)} shard(s) already committed in {redact(cfg.out)} are kept")
+
+    counts = {"index": -1, "written": 0, "skipped": 0, "tokens": 0}
+
+    def todo() -> Iterator[tuple[int, list]]:
+        for index, seqs in iter_shard_inputs(prep):
+            counts["index"] = max(counts["index"], index)
+            if index in committed:
+                counts["skipped"] += 1
+                bar.update(1)
+                continue
+            yield index, seqs
+
+    bar = tqdm(total=total, unit="shard", desc="teacher pass", disable=not cfg.progress, dynamic_ncols=True)
+    t0 = time.perf_counter()
+
+    def on_done(info: ShardInfo) -> None:
+        counts["written"] += 1
+        counts["tokens"] += info.tokens
+        rate = counts["tokens"] / max(time.perf_counter() - t0, 1e-9)
+        bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
+        bar.update(1)
+
+    run_on = {"ray": "pipeline.executor:RayExecutor", "local": "pipeline.executor:LocalExecutor"}[executor]
+    module, cls = run_on.split(":")
+    ex = getattr(__import__(module, fromlist=[cls]), cls)(prep, cfg.out, storage_options)
+    try:
+        ex.run(todo(), on_done)
+    finally:
+        ex.close()
+        bar.close()
+    n_shards = counts["index"] + 1
+    if n_shards == 0:
+        raise ValueError(f"the corpus {cfg.corpus} produced no sequence (every document empty, or shorter than "
+                         f"one --max-length {cfg.max_length} sequence in pack mode)")
+    manifest = writer.commit(expected_shards=n_shards)
+    elapsed = time.perf_counter() - t0
+    summary.update(shards_total=n_shards, shards_written=counts["written"], shards_skipped=counts["skipped"],
+                   tokens_written=counts["tokens"], tokens_total=manifest.tokens, bytes_total=manifest.bytes,
+                   forward_calls=ex.forward_calls, seconds=time.perf_counter() - started,
+                   tokens_per_s=counts["tokens"] / max(elapsed, 1e-9), already_complete=False)
+    log(f"committed {redact(cfg.out)}: {n_shards} shards ({counts['written']} written now, {counts['skipped']} "
+        f"kept), {manifest.tokens:,} tokens, {manifest.bytes / 1e6:,.1f} MB")
+    return summary

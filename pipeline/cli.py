@@ -1,0 +1,219 @@
+"""`kdcache` command line. Each subcommand's work lives in its own module, imported lazily so that
+`kdcache --help` answers at once instead of importing torch and Ray."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib.metadata import PackageNotFoundError, version
+
+
+def _version() -> str:
+    try:
+        return version("kdcache")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def print_json(obj) -> None:
+    """The last line a `--json` command prints: one JSON object, nothing after it."""
+    sys.stdout.flush()
+    print(json.dumps(obj, sort_keys=True, default=str), flush=True)
+
+
+# -- inspect / verify -----------------------------------------------------------------------------
+def cmd_inspect(args) -> int:
+    from storage import CacheReader
+    from storage.stats import describe
+
+    info = describe(CacheReader(args.cache, verify="off"))
+    if args.json:
+        print_json(info)
+        return 0
+    teacher = info["teacher"].get("name_or_path", "?")
+    print(f"cache      {info['url']}  (format v{info['format_version']}, kdcache {info['kdcache_version']})")
+    print(f"teacher    {teacher}  {info['teacher'].get('kind', '')}")
+    tok = info["tokenizer"]
+    print(f"tokenizer  vocab {tok.get('vocab_size', '?')}  {tok.get('vocab_hash', '')}")
+    opts = info["options"]
+    targets = {"topk": f"top-{opts['k']} ({opts['topk_codec']})", "sampled": f"RS-KD {opts['num_samples']} draws",
+               "none": "none"}[opts["targets"]]
+    print(f"targets    {targets}   hidden layers {opts['hidden_layers'] or '-'} ({opts['hidden_dtype']})   "
+          f"attention layers {opts['attention_layers'] or '-'} ({opts['attention_dtype']})")
+    print(f"size       {info['shards']} shards, {info['rows']:,} rows, {info['tokens']:,} tokens, "
+          f"{info['bytes'] / 1e6:,.1f} MB ({info['bytes_per_token']:.1f} B/token)")
+    print(f"\n{'column':<24}{'MB':>12}{'B/token':>12}{'B/entry':>10}")
+    for name, col in info["columns"].items():
+        per_entry = col.get("bytes_per_entry", col.get("bytes_per_value"))
+        print(f"{name:<24}{col['bytes'] / 1e6:>12.3f}{col['bytes_per_token']:>12.2f}"
+              f"{'' if per_entry is None else f'{per_entry:.3f}':>10}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from storage.verify import verify_cache
+
+    problems, totals = verify_cache(args.cache)
+    for p in problems:
+        print(f"FAIL {p}")
+    if problems:
+        print(f"{len(problems)} problem(s) in {args.cache}", file=sys.stderr)
+        return 1
+    print(f"ok: {totals['shards']} shards, {totals['rows']:,} rows, {totals['tokens']:,} tokens, every checksum, "
+          "count, schema and sample id verified")
+    return 0
+
+
+def cmd_bench_storage(args) -> int:
+    from pipeline.bench.storage import run
+
+    return run(args)
+
+
+# -- cache / plan ---------------------------------------------------------------------------------
+CACHE_FLAGS = [  # (flag, type, help); the YAML keys are the same names with underscores
+    ("--teacher", str, "teacher folder (save_pretrained layout) or hub name"),
+    ("--corpus", str, "corpus files: paths, globs or fsspec URLs (comma-separated or repeated)"),
+    ("--out", str, "cache directory or URL to write"),
+    ("--mode", str, "pack (fixed-length sequences, pretraining KD) | examples (one per document, task KD)"),
+    ("--max-length", int, "tokens per sequence (default 128)"),
+    ("--top-k", int, "top-k soft targets per token (default 64; 0 = none)"),
+    ("--sample", int, "RS-KD: N draws per token from the teacher instead of top-k"),
+    ("--hidden-layers", str, "hidden states to cache: e.g. 0,3,6 | all | none (0 = embedding output)"),
+    ("--attention-layers", str, "attention maps to cache: e.g. 6 | all | none (1-based)"),
+    ("--dtype", str, "hidden-state storage: float16 | bfloat16 | int8 (attention follows unless --attention-dtype)"),
+    ("--attention-dtype", str, "attention storage: float16 | bfloat16 | uint8"),
+    ("--mlm-probability", float, "masked-LM teachers: share of tokens masked (default 0.15, 80/10/10)"),
+    ("--dupe-factor", int, "masked-LM teachers: masked copies per sequence (default 1)"),
+    ("--seed", int, "seed for masking and RS-KD sampling (default 0)"),
+    ("--batch-size", int, "sequences per teacher forward (default 32)"),
+    ("--actors", int, "teacher actors (default: one per GPU, else 1)"),
+    ("--gpus-per-actor", float, "GPUs per actor (default 1; fractional allowed)"),
+    ("--cpus-per-actor", float, "CPUs per CPU actor (default 1)"),
+    ("--shard-tokens", int, "tokens per shard (default: about 256 MB per shard)"),
+    ("--text-field", str, "text field/column of jsonl/json/csv/parquet/datasets corpora (default text)"),
+    ("--label-field", str, "label field (examples mode)"),
+    ("--txt-mode", str, "line | block: one document per line or per blank-line block"),
+    ("--encoding-errors", str, "strict (default: fail naming the byte offset) | skip (count and skip)"),
+    ("--topk-codec", str, "top-k storage codec (default: the format's default)"),
+    ("--max-sequences", int, "stop after this many sequences (0 = all)"),
+    ("--address", str, "Ray cluster address (default: RAY_ADDRESS, else a local cluster)"),
+    ("--max-retries", int, "resubmissions of a shard whose actor died (default 3)"),
+]
+
+
+def _add_cache_flags(s) -> None:
+    for flag, typ, help_ in CACHE_FLAGS:
+        s.add_argument(flag, type=typ, default=None, help=help_,
+                       action="append" if flag == "--corpus" else "store")
+    s.add_argument("--config", help="YAML file with the same keys (flags and key=value override it)")
+    s.add_argument("--overwrite", action="store_true", default=None, help="replace a different cache at --out")
+    s.add_argument("--trust-remote-code", action="store_true", default=None,
+                   help="run code shipped with the teacher (off by default)")
+    s.add_argument("--allow-pickle", action="store_true", default=None,
+                   help="accept pickle (.bin) teacher weights, loaded with weights_only=True")
+    s.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of any config key")
+
+
+def _cache_config(args):
+    from pipeline.cache_pass import CacheConfig
+    from pipeline.config import build_config
+
+    flags = {f.lstrip("-").replace("-", "_"): getattr(args, f.lstrip("-").replace("-", "_")) for f, _, _ in CACHE_FLAGS}
+    if flags.get("corpus"):
+        flags["corpus"] = [p for item in flags["corpus"] for p in item.split(",") if p]
+    for name in ("overwrite", "trust_remote_code", "allow_pickle", "progress"):
+        flags[name] = getattr(args, name, None)
+    return build_config(CacheConfig, args.config, flags, args.overrides)
+
+
+def cmd_cache(args) -> int:
+    from pipeline.cache_pass import run_cache_pass
+
+    cfg = _cache_config(args)
+    if not cfg.out:
+        raise SystemExit("kdcache cache: --out is required")
+    summary = run_cache_pass(cfg)
+    if args.json:
+        print_json(summary)
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from pipeline.cache_pass import prepare
+    from pipeline.plan import format_plan, make_plan, measure_tokens_per_s
+
+    prep = prepare(_cache_config(args))
+    tps = args.tokens_per_s or (measure_tokens_per_s(prep) if args.measure else None)
+    plan = make_plan(prep, tokens=args.corpus_tokens, tokens_per_s=tps)
+    print(format_plan(plan))
+    if args.json:
+        print_json(plan)
+    return 0
+
+
+# -- parser ---------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kdcache", description="Run the teacher once; distil many students from its cache.")
+    p.add_argument("--version", action="version", version=f"kdcache {_version()}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("plan", help="sequences, tokens, bytes per column and teacher time, before anything runs")
+    _add_cache_flags(s)
+    s.add_argument("--corpus-tokens", type=int, default=None,
+                   help="corpus size in tokens, when reading the corpus to count it would take too long")
+    s.add_argument("--tokens-per-s", type=float, default=None, help="teacher throughput to assume")
+    s.add_argument("--measure", action="store_true", help="time a few real teacher forwards on this machine")
+    s.add_argument("--json", action="store_true", help="print one JSON object (last line)")
+    s.set_defaults(func=cmd_plan)
+
+    s = sub.add_parser("cache", help="run the teacher once over a corpus and write the cache (resumable)")
+    _add_cache_flags(s)
+    s.add_argument("--json", action="store_true", help="print the run summary as one JSON object (last line)")
+    s.set_defaults(func=cmd_cache)
+
+    s = sub.add_parser("inspect", help="show a cache's teacher, options, sizes and bytes per token per column")
+    s.add_argument("cache", help="cache directory or URL")
+    s.add_argument("--json", action="store_true", help="print one JSON object (last line)")
+    s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("verify", help="check every checksum, count, schema and sample id (exit 1 on any problem)")
+    s.add_argument("cache", help="cache directory or URL")
+    s.set_defaults(func=cmd_verify)
+
+    bench = sub.add_parser("bench", help="benchmarks that print measured figures")
+    bsub = bench.add_subparsers(dest="bench", metavar="BENCH")
+    s = bsub.add_parser("storage", help="bytes/token and MB/s per column kind and encoding, on real teacher outputs")
+    s.add_argument("--json", action="store_true", help="print one JSON object (last line)")
+    s.add_argument("--tokens", type=int, default=8192, help="teacher tokens to generate (default 8192)")
+    s.add_argument("--seq-len", type=int, default=128)
+    s.add_argument("--teacher", default="auto",
+                   help="auto (SmolLM2-135M if its asset is installed, else a tiny random model), smollm2, tiny")
+    s.add_argument("--repeats", type=int, default=3, help="timing repetitions (median reported)")
+    s.add_argument("--workdir", default=None, help="where to write temporary shards (default: a temp dir)")
+    s.set_defaults(func=cmd_bench_storage)
+    bench.set_defaults(func=lambda a: (bench.print_help(), 2)[1])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from storage.errors import CacheError
+
+    try:
+        return int(args.func(args) or 0)
+    except (CacheError, ValueError, FileNotFoundError, PermissionError) as exc:
+        print(f"kdcache {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

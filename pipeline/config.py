@@ -1,0 +1,86 @@
+"""Configs as dataclasses: YAML file < command-line flags < `key=value` overrides (torchtune style).
+
+One loader serves every command, so an unknown key fails the same way everywhere: naming the
+key, where it came from, and the valid keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Turn a YAML/CLI value into the field's type (layer lists accept "0,3,6", "all", "none")."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "~")):
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if annotation is bool:
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"{key}: expected true/false, got {value!r}")
+        return bool(value)
+    if annotation in (int, float):
+        try:
+            return annotation(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key}: expected {annotation.__name__}, got {value!r}") from None
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            value = [v for v in value.replace(" ", "").split(",") if v]
+        return value if isinstance(value, (list, tuple)) else [value]
+    return value
+
+
+def _type_hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def build_config(cls: type[T], yaml_path: str | Path | None = None, flags: dict[str, Any] | None = None,
+                 overrides: list[str] | None = None) -> T:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = _type_hints(cls)
+    values: dict[str, Any] = {}
+
+    def merge(source: dict[str, Any], where: str) -> None:
+        for key, value in source.items():
+            norm = key.replace("-", "_")
+            if norm not in fields:
+                raise ValueError(f"unknown key {key!r} in {where}; valid keys: {', '.join(sorted(fields))}")
+            values[norm] = _coerce(value, hints[norm], f"{where}: {key}")
+
+    if yaml_path:
+        data = yaml.safe_load(Path(yaml_path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{yaml_path}: expected a mapping of key: value, got {type(data).__name__}")
+        merge(data, str(yaml_path))
+    if flags:
+        merge({k: v for k, v in flags.items() if v is not None}, "command-line flags")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        merge({key: yaml.safe_load(value) if value not in ("",) else ""}, "overrides")
+    missing = [n for n, f in fields.items() if n not in values and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"missing required setting(s): {', '.join(missing)} (give them as flags, in the YAML "
+                         "config, or as key=value)")
+    return cls(**values)
+
+
+def to_yaml(cfg) -> str:
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)

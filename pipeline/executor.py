@@ -1,0 +1,202 @@
+"""Where teacher work runs. Executors only decide placement and retries; `ShardProcessor` does the work.
+
+`LocalExecutor` runs shards in this process (benchmarks, debugging). `RayExecutor` keeps one teacher
+actor per GPU (or N CPU actors) and pulls shards to idle actors until none are left. A shard whose
+actor died of a system error (actor crash, node loss, OOM kill) is resubmitted to a fresh actor up
+to `max_retries` times; an exception raised by the shard's own code is never retried: it surfaces
+with its message and the shard's name.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable, Iterable, Iterator
+
+from storage import ShardInfo
+
+ProgressFn = Callable[[ShardInfo], None]
+
+
+class ShardFailed(RuntimeError):
+    pass
+
+
+class LocalExecutor:
+    def __init__(self, prep, out_url: str, storage_options: dict | None = None):
+        from .cache_pass import ShardProcessor
+
+        self.processor = ShardProcessor(prep, out_url, storage_options)
+
+    def run(self, shards: Iterable[tuple[int, list]], on_done: ProgressFn) -> None:
+        for index, seqs in shards:
+            on_done(ShardInfo(**self.processor.process(index, seqs)))
+
+    @property
+    def forward_calls(self) -> int:
+        return self.processor.forward_calls
+
+    def close(self) -> None:
+        pass
+
+
+def init_ray(address: str | None, num_cpus: int | None = None) -> bool:
+    """Connect to RAY_ADDRESS / --address, or start a local cluster; True if this call started one.
+
+    Never starts a second cluster inside a Ray job (RAY_ADDRESS is set there), and binds the local
+    dashboard to loopback.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return False
+    ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=True,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE":
+                                       os.environ.get("HF_HUB_OFFLINE", "0")}})
+    return True
+
+
+def _actor_class():
+    import ray
+
+    @ray.remote(max_restarts=0, max_task_retries=0)
+    class TeacherActor:
+        """Loads the teacher once; processes whole shards on request."""
+
+        def __init__(self, prep, out_url: str, storage_options: dict | None, threads: int):
+            import torch
+
+            from .cache_pass import ShardProcessor
+
+            torch.set_num_threads(max(1, threads))
+            self.processor = ShardProcessor(prep, out_url, storage_options)
+
+        def process(self, index: int, seqs: list) -> dict[str, Any]:
+            return self.processor.process(index, seqs)
+
+        def stats(self) -> dict[str, Any]:
+            return {"pid": os.getpid(), "forward_calls": self.processor.forward_calls,
+                    "node": __import__("ray").get_runtime_context().get_node_id()}
+
+    return TeacherActor
+
+
+class RayExecutor:
+    """One actor per GPU (`gpus_per_actor`, fractional allowed) or `actors` CPU actors."""
+
+    def __init__(self, prep, out_url: str, storage_options: dict | None = None):
+        import ray
+
+        cfg = prep.cfg
+        self.started_ray = init_ray(cfg.address)
+        self.prep, self.out_url, self.storage_options = prep, out_url, storage_options
+        gpus = ray.cluster_resources().get("GPU", 0)
+        use_gpu = gpus > 0 and cfg.device in ("auto", "cuda")
+        n = cfg.actors or (int(gpus // cfg.gpus_per_actor) if use_gpu else 1)
+        self.resources = ({"num_gpus": cfg.gpus_per_actor, "num_cpus": min(cfg.cpus_per_actor, 1.0)} if use_gpu
+                          else {"num_cpus": cfg.cpus_per_actor})
+        cpus = ray.cluster_resources().get("CPU", 1)
+        if not use_gpu and n * cfg.cpus_per_actor > cpus:
+            # Asking for more CPUs than exist would leave actors pending forever (RAY_NOTES).
+            raise ValueError(f"{n} CPU actors x {cfg.cpus_per_actor} CPUs exceed the cluster's {cpus:g} CPUs; lower "
+                             "--actors or --cpus-per-actor")
+        self.threads = max(1, int(cfg.cpus_per_actor))
+        self.actor_cls = _actor_class()
+        self.actors = [self._new_actor() for _ in range(n)]
+        self.retired: list = []
+        self.forward_calls = 0
+
+    def _new_actor(self):
+        # Fault-injection switches (pipeline/faults.py) follow the driver into the actors.
+        env = {k: v for k, v in os.environ.items() if k.startswith("KDCACHE_FAULTS")}
+        options = dict(self.resources, runtime_env={"env_vars": env}) if env else self.resources
+        return self.actor_cls.options(**options).remote(self.prep, self.out_url, self.storage_options, self.threads)
+
+    def run(self, shards: Iterable[tuple[int, list]], on_done: ProgressFn) -> None:
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        system_errors = (RayActorError,) + tuple(
+            getattr(ray.exceptions, n) for n in ("WorkerCrashedError", "NodeDiedError", "ObjectLostError",
+                                                 "OutOfMemoryError", "ActorUnavailableError")
+            if hasattr(ray.exceptions, n))
+        idle = list(self.actors)
+        running: dict[Any, tuple[Any, int, Any, int]] = {}  # ref -> (actor, index, seqs ref, attempt)
+        source = iter(shards)
+        exhausted = False
+        while True:
+            while idle and not exhausted:
+                try:
+                    index, seqs = next(source)
+                except StopIteration:
+                    exhausted = True
+                    break
+                actor = idle.pop()
+                seqs_ref = ray.put(seqs)
+                running[actor.process.remote(index, seqs_ref)] = (actor, index, seqs_ref, 0)
+            if not running:
+                break
+            done, _ = ray.wait(list(running), num_returns=1)
+            ref = done[0]
+            actor, index, seqs_ref, attempt = running.pop(ref)
+            try:
+                info = ray.get(ref)
+            except RayTaskError as exc:
+                if isinstance(exc, system_errors) or isinstance(getattr(exc, "cause", None), system_errors):
+                    self._replace(actor, idle, running, index, seqs_ref, attempt, exc)
+                    continue
+                self._abort(running)
+                cause = getattr(exc, "cause", None) or exc
+                raise ShardFailed(f"shard {index} failed: {type(cause).__name__}: {cause} (not retried: the error "
+                                  f"comes from the shard's own code or data)\n--- actor traceback ---\n{exc}") from None
+            except system_errors as exc:
+                self._replace(actor, idle, running, index, seqs_ref, attempt, exc)
+                continue
+            idle.append(actor)
+            on_done(ShardInfo(**info))
+
+    def _replace(self, dead, idle, running, index, seqs_ref, attempt, exc) -> None:
+        import ray
+
+        if attempt + 1 > self.prep.cfg.max_retries:
+            self._abort(running)
+            raise ShardFailed(f"shard {index}: its teacher actor died {attempt + 1} times ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}); giving up after --max-retries "
+                              f"{self.prep.cfg.max_retries}. Shards already committed are kept: re-run the same "
+                              "command to retry the rest") from None
+        self.actors.remove(dead)
+        ray.kill(dead, no_restart=True)
+        fresh = self._new_actor()
+        self.actors.append(fresh)
+        running[fresh.process.remote(index, seqs_ref)] = (fresh, index, seqs_ref, attempt + 1)
+
+    def _abort(self, running) -> None:
+        import ray
+
+        # Stop the other shards' work; their actors are killed in close(), so a failed cancel is harmless.
+        for ref in running:
+            try:
+                ray.cancel(ref)
+            except Exception:  # noqa: BLE001
+                pass
+
+    def actor_stats(self) -> list[dict[str, Any]]:
+        import ray
+
+        return ray.get([a.stats.remote() for a in self.actors])
+
+    def close(self) -> None:
+        import ray
+
+        try:
+            stats = ray.get([a.stats.remote() for a in self.actors], timeout=30)
+            self.forward_calls = sum(s["forward_calls"] for s in stats)
+        except Exception:  # noqa: BLE001 - stats are informational
+            pass
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+        if self.started_ray:
+            ray.shutdown()

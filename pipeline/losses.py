@@ -1,0 +1,824 @@
+"""Distillation losses that read only cached teacher tensors and student outputs.
+
+Nothing here touches a teacher model: every loss is a plain function of tensors,
+so a student that is not a Hugging Face transformer (an RNN, a CNN over tokens,
+anything that emits logits / hidden states) can use them as long as it produces
+tensors of the documented shapes.
+
+Conventions shared by every function:
+
+* Batches are padded: per-token tensors are ``[B, T, ...]`` and come with
+  ``mask [B, T]`` (1 = real token, 0 = padding). Reductions are means over real
+  tokens only, and padded positions are *replaced* (``torch.where``), never just
+  multiplied by 0, so NaN/Inf garbage in a padded slot of a cached column cannot
+  leak into the loss or its gradient.
+* Soft-max arithmetic runs in float32 whatever the autocast dtype: a bf16
+  log-softmax over a 50k+ vocabulary loses the tail probabilities KD is about.
+* Every loss returns a scalar tensor.
+
+Layer indexing (used by the layer maps, the cache column names and
+``CompositeLoss``) follows Hugging Face's ``hidden_states`` tuple:
+
+* ``hidden_{l}`` is ``hidden_states[l]``: 0 = embedding output, ``l`` = output of
+  transformer layer ``l`` (1-based), ``L`` = last layer.
+* ``attention_{l}`` is the attention of transformer layer ``l`` (1-based), i.e.
+  ``attentions[l - 1]``, so that one pair ``(s, t)`` of a layer map names the
+  same block for hidden states and attention maps. There is no ``attention_0``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    "topk_kd_loss",
+    "sampled_kd_loss",
+    "mlm_loss",
+    "causal_lm_loss",
+    "cosine_hidden_loss",
+    "HiddenProjection",
+    "hidden_mse_loss",
+    "embedding_mse_loss",
+    "attention_mse_loss",
+    "soft_cross_entropy",
+    "hard_ce",
+    "uniform_layer_map",
+    "parse_layer_map",
+    "LossSpec",
+    "CompositeLoss",
+    "LOSS_NAMES",
+    "required_columns",
+    "PRESETS",
+    "preset",
+    "distilbert",
+    "tinybert_general",
+    "tinybert_task",
+    "lm",
+]
+
+# Teacher log-probs are clamped to this floor before use: exp(-1e4) == 0 in
+# float32, so a cached -inf (an empty tail, an fp16 underflow) becomes a
+# probability of exactly 0 without producing 0 * inf = NaN in p * log p.
+_LOG_FLOOR = -1.0e4
+
+# Student tail mass below this is not resolvable: it is computed as
+# 1 - sum(top-k probs), and float32 log-softmax values near 0 carry ~1e-7
+# absolute error. We cap log(sum of top-k student probs) at log(1 - 1e-6).
+_TAIL_EPS = 1.0e-6
+_MAX_LOG_HEAD = math.log1p(-_TAIL_EPS)
+
+
+# --------------------------------------------------------------------------- #
+# helpers
+# --------------------------------------------------------------------------- #
+
+
+def _bool_mask(mask: torch.Tensor) -> torch.Tensor:
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def _masked_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``per_token [B, T]`` over positions where ``mask`` is true."""
+    m = _bool_mask(mask)
+    total = torch.where(m, per_token, torch.zeros_like(per_token)).sum()
+    # clamp: an all-padding batch gives 0 (with a graph), not 0/0 = NaN.
+    return total / m.sum().clamp(min=1).to(total.dtype)
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, stable on both ends (Maechler 2012)."""
+    return torch.where(
+        x > -math.log(2.0),
+        torch.log(-torch.expm1(x)),
+        torch.log1p(-torch.exp(x)),
+    )
+
+
+def _kl_terms(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Σ p (log p − log q) over the last dim; p = exp(log_p) with p = 0 → 0."""
+    p = log_p.exp()
+    return (p * (log_p - log_q)).sum(-1)
+
+
+# --------------------------------------------------------------------------- #
+# logit distillation
+# --------------------------------------------------------------------------- #
+
+
+def topk_kd_loss(
+    student_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    log_tail: torch.Tensor | None,
+    mask: torch.Tensor,
+    temperature: float = 1.0,
+    tail: str = "bucket",
+) -> torch.Tensor:
+    """Forward KL(teacher ‖ student) from cached top-k teacher log-probs, × T².
+
+    Args:
+        student_logits: ``[B, T, V]``.
+        topk_ids: ``[B, T, k]`` int64, the teacher's top-k token ids.
+        topk_logprobs: ``[B, T, k]`` the teacher's *untempered* full-vocabulary
+            log-probs at those ids.
+        log_tail: ``[B, T]`` log of the teacher mass outside the top-k
+            (``log(1 - Σ exp(topk_logprobs))``); only read for ``tail="bucket"``.
+        mask: ``[B, T]`` 1 = real token.
+        temperature: T; both sides are softened by T and the result is scaled
+            by T² so gradient magnitudes do not shrink as 1/T² (Hinton et al.).
+        tail: how the mass outside the top-k is handled.
+
+            ``"renorm"``: the teacher is renormalised over its k ids,
+            ``p_T ∝ exp(logp / T)``; the student term is the full-vocabulary
+            ``log_softmax(z / T)`` gathered at the ids. The student is therefore
+            pushed to move *all* its mass into the teacher's top-k (the known
+            bias of top-k KD); the loss is ≥ 0 and is 0 only when the student's
+            tempered distribution equals the renormalised teacher.
+
+            ``"bucket"``: a (k+1)-way distribution, the k ids plus one bucket for
+            everything else. Student bucket = 1 − Σ student probs at the ids.
+            Teacher bucket at temperature T: the cache only holds the *total*
+            untempered tail mass, and Σ_j p_j^{1/T} is not a function of Σ_j p_j,
+            so it cannot be recovered. We treat the tail as a single token of
+            log-prob ``log_tail``: ``p_T = softmax([logp_1..k, log_tail] / T)``.
+            This is exact at T = 1 (it is then the coarse-grained teacher, and
+            by the data-processing inequality the loss is ≤ the full-vocab KL)
+            and for T > 1 under-estimates the tempered tail, since
+            (Σ p_j)^{1/T} ≤ Σ p_j^{1/T}.
+
+    At k = V both modes equal the full-vocabulary tempered KL exactly.
+    """
+    if tail not in ("renorm", "bucket"):
+        raise ValueError(f"tail must be 'renorm' or 'bucket', got {tail!r}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    m = _bool_mask(mask)
+    topk_ids = topk_ids.long()  # the cache stores the narrowest uint; gather wants int64
+    # Sanitise padding so arbitrary cached values (-1 ids, NaN) stay harmless.
+    ids = torch.where(m[..., None] & (topk_ids >= 0), topk_ids, torch.zeros_like(topk_ids))
+    t_logp = torch.where(m[..., None], topk_logprobs.float(), torch.zeros((), device=mask.device))
+    t_logp = t_logp.clamp(min=_LOG_FLOOR)
+
+    s_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    s_k = s_logp.gather(-1, ids)  # [B, T, k]
+
+    if tail == "renorm":
+        t_k = F.log_softmax(t_logp / temperature, dim=-1)
+        per_tok = _kl_terms(t_k, s_k)
+    else:
+        if log_tail is None:
+            raise ValueError("tail='bucket' needs log_tail (cache column topk_log_tail)")
+        lt = torch.where(m, log_tail.float(), torch.zeros((), device=mask.device))
+        lt = lt.clamp(min=_LOG_FLOOR)
+        t_full = F.log_softmax(torch.cat([t_logp, lt[..., None]], dim=-1) / temperature, dim=-1)
+        # log(1 - Σ_k q): from the log-sum of the gathered log-probs, capped so a
+        # student that put (numerically) everything in the top-k gives a finite
+        # log instead of log(0) or log(negative).
+        head = torch.logsumexp(s_k, dim=-1).clamp(max=_MAX_LOG_HEAD)
+        s_full = torch.cat([s_k, _log1mexp(head)[..., None]], dim=-1)
+        per_tok = _kl_terms(t_full, s_full)
+
+    return _masked_mean(per_tok, m) * (temperature**2)
+
+
+def sampled_kd_loss(
+    student_logits: torch.Tensor,
+    sample_ids: torch.Tensor,
+    sample_weights: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float = 1.0,
+    pad_id: int = -1,
+) -> torch.Tensor:
+    """RS-KD: cross-entropy with the sparse, importance-weighted teacher sample.
+
+    Random-Sampling KD (Anshumann et al. 2025, "Sparse Logit Sampling") caches,
+    per token, n ids drawn i.i.d. from a proposal r (r = p, the teacher, or a
+    tempered/flattened p) with weights w_i = p(id_i) / (n · r(id_i)); with r = p
+    every draw has weight 1/n (duplicates may be merged by summing weights). The
+    loss is
+
+        L = − Σ_i w_i · log q(id_i),       q = softmax(student_logits / T).
+
+    Why it is unbiased for the KL gradient: for any f,
+    E_{id~r}[p(id)/r(id) · f(id)] = Σ_v p(v) f(v), so with f = −∇ log q
+
+        E[∇L] = Σ_v p(v) · (−∇ log q(v)) = ∇ CE(p, q) = ∇ KL(p ‖ q),
+
+    because KL(p‖q) = CE(p, q) − H(p) and H(p) does not depend on the student.
+    (Top-k truncation, by contrast, is biased: it never shows the student the
+    tail.) The *value* is a CE estimate, i.e. KL plus the teacher's entropy, so
+    it does not go to 0. If the cache self-normalised the weights (Σ w = 1 with
+    r ≠ p) the estimator is consistent rather than exactly unbiased.
+
+    Args:
+        student_logits: ``[B, T, V]``.
+        sample_ids: ``[B, T, n]`` int64; ``pad_id`` marks unused slots.
+        sample_weights: ``[B, T, n]``; slots with weight 0 are ignored as well.
+            Weights are used as cached (they sum to 1 per token), not renormalised.
+        mask: ``[B, T]``.
+        temperature: the student is softened by T and the loss scaled by T²; the
+            cached draws must come from the teacher at the same T.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    m = _bool_mask(mask)
+    sample_ids = sample_ids.long()
+    valid = m[..., None] & (sample_ids != pad_id) & (sample_ids >= 0)
+    ids = torch.where(valid, sample_ids, torch.zeros_like(sample_ids))
+    w = torch.where(valid, sample_weights.float(), torch.zeros((), device=mask.device))
+    s_logp = F.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, ids)
+    per_tok = -(w * s_logp).sum(-1)
+    return _masked_mean(per_tok, m) * (temperature**2)
+
+
+# --------------------------------------------------------------------------- #
+# hard-label losses
+# --------------------------------------------------------------------------- #
+
+
+def mlm_loss(
+    student_logits: torch.Tensor,
+    positions: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Cross-entropy at the cached MLM positions.
+
+    ``positions [B, M]`` are token indices into T (-1 = padding) and
+    ``labels [B, M]`` the original token ids there (``ignore_index`` also skips).
+    The student must see the *same* masked ``input_ids`` the teacher saw; that
+    is the loader's job (the cache stores the masked inputs).
+    """
+    positions, labels = positions.long(), labels.long()
+    valid = (positions >= 0) & (labels != ignore_index)
+    pos = torch.where(valid, positions, torch.zeros_like(positions))
+    V = student_logits.size(-1)
+    picked = student_logits.gather(1, pos[..., None].expand(-1, -1, V))  # [B, M, V]
+    tgt = torch.where(valid, labels, torch.zeros_like(labels))
+    nll = F.cross_entropy(picked.float().reshape(-1, V), tgt.reshape(-1), reduction="none")
+    return _masked_mean(nll.view_as(tgt), valid)
+
+
+def causal_lm_loss(
+    student_logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Next-token cross-entropy: logits at t predict input_ids at t+1.
+
+    A pair counts only if both t and t+1 are real, which handles right *and*
+    left padding (a left-pad slot must not "predict" the first real token).
+    """
+    m = _bool_mask(mask)
+    logits = student_logits[:, :-1].float()
+    tgt = input_ids[:, 1:].long()
+    valid = m[:, 1:] & m[:, :-1]
+    tgt = torch.where(valid, tgt, torch.zeros_like(tgt))
+    V = logits.size(-1)
+    nll = F.cross_entropy(logits.reshape(-1, V), tgt.reshape(-1), reduction="none")
+    return _masked_mean(nll.view_as(tgt), valid)
+
+
+def soft_cross_entropy(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """TinyBERT prediction-layer loss: −Σ softmax(t/T) · log_softmax(s/T).
+
+    ``[..., C]`` inputs (e.g. ``[B, C]`` task logits); summed over classes and
+    averaged over the rest. TinyBERT's code averages over classes too
+    (``.mean()`` over B·C), which only rescales by 1/C; and it applies no T²
+    factor (it uses T = 1), so neither do we.
+    """
+    t = F.softmax(teacher_logits.float() / temperature, dim=-1)
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    return -(t * s).sum(-1).mean()
+
+
+def hard_ce(
+    student_logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
+    """Plain cross-entropy with gold labels; ``[..., C]`` logits, ``[...]`` labels.
+
+    Returns 0 (not NaN) when every label is ``ignore_index``.
+    """
+    C = student_logits.size(-1)
+    labels = labels.long()  # cached labels are int32
+    valid = labels != ignore_index
+    tgt = torch.where(valid, labels, torch.zeros_like(labels))
+    nll = F.cross_entropy(student_logits.float().reshape(-1, C), tgt.reshape(-1), reduction="none")
+    nll = torch.where(valid.reshape(-1), nll, torch.zeros_like(nll))
+    return nll.sum() / valid.sum().clamp(min=1)
+
+
+# --------------------------------------------------------------------------- #
+# intermediate-layer losses
+# --------------------------------------------------------------------------- #
+
+
+def _check_width(student_h: torch.Tensor, teacher_h: torch.Tensor, what: str) -> None:
+    if student_h.shape[-1] != teacher_h.shape[-1]:
+        raise ValueError(
+            f"{what}: student width {student_h.shape[-1]} != teacher width "
+            f"{teacher_h.shape[-1]}; add a projection (HiddenProjection, TinyBERT's W_h) "
+            "or use hidden_mse_loss(..., proj=...)"
+        )
+    if student_h.shape[:-1] != teacher_h.shape[:-1]:
+        raise ValueError(f"{what}: shapes {tuple(student_h.shape)} vs {tuple(teacher_h.shape)}")
+
+
+def cosine_hidden_loss(
+    student_h: torch.Tensor, teacher_h: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """DistilBERT's cosine loss: mean over real tokens of 1 − cos(h_s, h_t).
+
+    Widths must match (DistilBERT keeps the teacher width); otherwise ValueError.
+    """
+    _check_width(student_h, teacher_h, "cosine_hidden_loss")
+    m = _bool_mask(mask)
+    t = torch.where(m[..., None], teacher_h.float(), torch.zeros((), device=mask.device))
+    cos = F.cosine_similarity(student_h.float(), t, dim=-1, eps=1e-8)
+    return _masked_mean(1.0 - cos, m)
+
+
+class HiddenProjection(nn.Module):
+    """Learnable student-width → teacher-width maps (TinyBERT's W_h).
+
+    ``num_maps=1`` shares one map for every layer (and the embeddings), which is
+    what TinyBERT's released code does (one ``fit_dense``); ``num_maps=n`` gives
+    one per mapped layer, selected by ``index``. Trained with the student, so
+    its parameters must be in the optimiser; discarded after distillation.
+    """
+
+    def __init__(self, student_width: int, teacher_width: int, num_maps: int = 1, bias: bool = True):
+        super().__init__()
+        if num_maps < 1:
+            raise ValueError("num_maps must be >= 1")
+        self.maps = nn.ModuleList(nn.Linear(student_width, teacher_width, bias=bias) for _ in range(num_maps))
+
+    def forward(self, h: torch.Tensor, index: int = 0) -> torch.Tensor:
+        lin = self.maps[0] if len(self.maps) == 1 else self.maps[index]
+        # Let autocast pick the matmul dtype; the loss casts to float32 after.
+        return lin(h)
+
+
+def hidden_mse_loss(
+    student_h: torch.Tensor,
+    teacher_h: torch.Tensor,
+    mask: torch.Tensor,
+    proj: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """TinyBERT hidden-state loss: MSE(proj(h_s), h_t) over real tokens.
+
+    Averaged over real tokens and the hidden dimension (``nn.MSELoss`` on an
+    unpadded batch). ``proj`` is any callable, e.g. a ``HiddenProjection`` or
+    ``functools.partial(projection, index=i)``; without one, widths must match.
+    """
+    if proj is not None:
+        student_h = proj(student_h)
+    _check_width(student_h, teacher_h, "hidden_mse_loss")
+    m = _bool_mask(mask)
+    t = torch.where(m[..., None], teacher_h.float(), torch.zeros((), device=mask.device))
+    se = (student_h.float() - t).pow(2).mean(-1)
+    return _masked_mean(se, m)
+
+
+def embedding_mse_loss(
+    student_emb: torch.Tensor,
+    teacher_emb: torch.Tensor,
+    mask: torch.Tensor,
+    proj: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """TinyBERT embedding-layer loss: ``hidden_mse_loss`` on hidden state 0."""
+    return hidden_mse_loss(student_emb, teacher_emb, mask, proj)
+
+
+def attention_mse_loss(
+    student_attn: torch.Tensor,
+    teacher_attn: torch.Tensor,
+    mask: torch.Tensor,
+    kind: str = "probs",
+    average_heads: bool = False,
+) -> torch.Tensor:
+    """TinyBERT attention loss on one layer: ``[B, heads, T, T]`` maps.
+
+    The cache stores *post-softmax attention probabilities* (what HF returns
+    with ``output_attentions=True``), not TinyBERT-paper pre-softmax scores,
+    which HF does not expose. So:
+
+    * ``kind="probs"``: MSE between probability maps (TinyBERT-code / common
+      reimplementation variant), averaged over heads × real queries × real keys.
+    * ``kind="kl"``: MiniLM's KL(teacher row ‖ student row), summed over real
+      keys, averaged over heads × real queries.
+
+    Padded queries *and* keys are excluded (pair mask = mask_q ∧ mask_k), so
+    whatever the loader put in padded slots does not matter. Student maps must
+    come from eager attention (SDPA/flash return none) and with attention
+    dropout off: HF returns the *post-dropout* weights (see ``load_student``).
+
+    Head counts must match, or pass ``average_heads=True`` to compare the
+    head-averaged maps ``[B, 1, T, T]`` (coarser, but works for any counts).
+    """
+    if kind not in ("probs", "kl"):
+        raise ValueError(f"kind must be 'probs' or 'kl', got {kind!r}")
+    if student_attn.shape[-2:] != teacher_attn.shape[-2:] or student_attn.shape[0] != teacher_attn.shape[0]:
+        raise ValueError(f"attention shapes {tuple(student_attn.shape)} vs {tuple(teacher_attn.shape)}")
+    s = student_attn.float()
+    t = teacher_attn.float()
+    if s.shape[1] != t.shape[1]:
+        if not average_heads:
+            raise ValueError(
+                f"student has {s.shape[1]} attention heads, teacher {t.shape[1]}; "
+                "use a student with the teacher's head count or average_heads=True"
+            )
+    if average_heads:
+        s = s.mean(1, keepdim=True)
+        t = torch.nan_to_num(t).mean(1, keepdim=True)  # padded NaNs would poison the mean
+    m = _bool_mask(mask)
+    pair = (m[:, None, :, None] & m[:, None, None, :]).expand_as(s)  # [B, h, T, T]
+    t = torch.where(pair, t, torch.zeros((), device=t.device))
+    heads = s.shape[1]
+    if kind == "probs":
+        se = torch.where(pair, (s - t).pow(2), torch.zeros((), device=s.device))
+        return se.sum() / (pair.sum().clamp(min=1))
+    # KL per query row; clamp the student log so an exact 0 does not give -inf.
+    log_s = torch.log(s.clamp(min=1e-12))
+    kl = torch.where(pair, torch.xlogy(t, t) - t * log_s, torch.zeros((), device=s.device)).sum(-1)
+    return _masked_mean(kl, m[:, None, :].expand(-1, heads, -1))
+
+
+# --------------------------------------------------------------------------- #
+# layer maps
+# --------------------------------------------------------------------------- #
+
+
+def uniform_layer_map(n_student: int, n_teacher: int) -> list[tuple[int, int]]:
+    """TinyBERT's uniform strategy: student layer i ↔ teacher layer i·L_T/L_S.
+
+    Indices are hidden-state indices, i = 0..L_S, with 0 = embeddings, so the
+    map has L_S + 1 pairs and always ends at (L_S, L_T). Non-divisible depths
+    use the floor.
+    """
+    if n_student < 1 or n_teacher < 1:
+        raise ValueError(f"layer counts must be >= 1, got student={n_student}, teacher={n_teacher}")
+    if n_student > n_teacher:
+        raise ValueError(f"student ({n_student} layers) is deeper than the teacher ({n_teacher})")
+    return [(i, (i * n_teacher) // n_student) for i in range(n_student + 1)]
+
+
+def parse_layer_map(
+    text: str, n_student: int | None = None, n_teacher: int | None = None
+) -> list[tuple[int, int]]:
+    """Parse ``"0:0,1:2,2:4"`` (student:teacher hidden-state indices).
+
+    Raises ValueError on bad syntax, negative indices, a student layer listed
+    twice, or (when the counts are given) indices outside 0..L.
+    """
+    pairs: list[tuple[int, int]] = []
+    for item in text.replace(" ", "").split(","):
+        if not item:
+            continue
+        mm = re.fullmatch(r"(-?\d+):(-?\d+)", item)
+        if mm is None:
+            raise ValueError(f"bad layer map entry {item!r} in {text!r}; expected 'student:teacher'")
+        s, t = int(mm.group(1)), int(mm.group(2))
+        for idx, n, who in ((s, n_student, "student"), (t, n_teacher, "teacher")):
+            if idx < 0 or (n is not None and idx > n):
+                hi = "L" if n is None else str(n)
+                raise ValueError(f"{who} layer {idx} in {text!r} is out of range 0..{hi}")
+        pairs.append((s, t))
+    if not pairs:
+        raise ValueError(f"empty layer map {text!r}")
+    seen = [s for s, _ in pairs]
+    if len(set(seen)) != len(seen):
+        raise ValueError(f"student layer listed twice in {text!r}")
+    return pairs
+
+
+# --------------------------------------------------------------------------- #
+# composite loss
+# --------------------------------------------------------------------------- #
+
+# name -> what it is. Keys of LossSpec.weights must be among these.
+LOSS_NAMES: dict[str, str] = {
+    "kd": "topk_kd_loss on the student's token logits (cached top-k)",
+    "rskd": "sampled_kd_loss on the student's token logits (cached RS-KD samples)",
+    "mlm": "mlm_loss at the cached mask positions",
+    "clm": "causal_lm_loss on input_ids",
+    "cos": "cosine_hidden_loss on spec.cos_layer (default: last pair of the layer map)",
+    "emb": "embedding_mse_loss on the layer-map pair with student index 0",
+    "hidden": "hidden_mse_loss summed over layer-map pairs with student index >= 1",
+    "attn": "attention_mse_loss summed over layer-map pairs with student index >= 1",
+    "pred": "soft_cross_entropy(student logits, cached task_logits, T)",
+    "ce": "hard_ce(student logits, cached label)",
+}
+
+
+@dataclass
+class LossSpec:
+    """What to optimise: loss name → weight, plus the knobs those losses need.
+
+    ``layer_map`` pairs are (student, teacher) hidden-state indices (see module
+    docstring); ``cos_layer`` defaults to the last pair. A weight of 0 disables
+    a loss (it is neither computed nor required from the cache).
+    """
+
+    weights: dict[str, float]
+    temperature: float = 1.0
+    kd_tail: str = "bucket"
+    layer_map: list[tuple[int, int]] | None = None
+    cos_layer: tuple[int, int] | None = None
+    attention_kind: str = "probs"
+    average_heads: bool = False
+    per_layer_projection: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = set(self.weights) - set(LOSS_NAMES)
+        if unknown:
+            raise ValueError(f"unknown loss names {sorted(unknown)}; known: {sorted(LOSS_NAMES)}")
+        if self.kd_tail not in ("renorm", "bucket"):
+            raise ValueError(f"kd_tail must be 'renorm' or 'bucket', got {self.kd_tail!r}")
+        if self.layer_map is not None:
+            self.layer_map = [(int(s), int(t)) for s, t in self.layer_map]
+        if self.cos_layer is not None:
+            self.cos_layer = (int(self.cos_layer[0]), int(self.cos_layer[1]))
+
+    def active(self) -> dict[str, float]:
+        return {k: float(w) for k, w in self.weights.items() if w != 0}
+
+    def _pairs(self, what: str) -> list[tuple[int, int]]:
+        if self.layer_map is None:
+            raise ValueError(f"loss {what!r} needs LossSpec.layer_map")
+        return self.layer_map
+
+    def emb_pairs(self) -> list[tuple[int, int]]:
+        return [p for p in self._pairs("emb") if p[0] == 0]
+
+    def layer_pairs(self, what: str = "hidden") -> list[tuple[int, int]]:
+        return [p for p in self._pairs(what) if p[0] >= 1]
+
+    def cos_pair(self) -> tuple[int, int]:
+        if self.cos_layer is not None:
+            return self.cos_layer
+        return self._pairs("cos")[-1]
+
+
+def required_columns(spec: LossSpec) -> set[str]:
+    """Cache columns the active losses of ``spec`` read.
+
+    ``input_ids`` is always included (the student has to run on it).
+    ``attention_mask`` is not a cache column: the collator derives it from the
+    padding, and every batch must carry it.
+    """
+    cols = {"input_ids"}
+    for name in spec.active():
+        if name == "kd":
+            cols |= {"topk_ids", "topk_logprobs"}
+            if spec.kd_tail == "bucket":
+                cols.add("topk_log_tail")
+        elif name == "rskd":
+            cols |= {"sample_ids", "sample_weights"}
+        elif name == "mlm":
+            cols |= {"mlm_positions", "mlm_labels"}
+        elif name == "cos":
+            cols.add(f"hidden_{spec.cos_pair()[1]}")
+        elif name == "emb":
+            cols |= {f"hidden_{t}" for _, t in spec.emb_pairs()}
+        elif name == "hidden":
+            cols |= {f"hidden_{t}" for _, t in spec.layer_pairs("hidden")}
+        elif name == "attn":
+            cols |= {f"attention_{t}" for _, t in spec.layer_pairs("attn")}
+        elif name == "pred":
+            cols.add("task_logits")
+        elif name == "ce":
+            cols.add("label")
+    return cols
+
+
+def _out(outputs: Any, key: str) -> Any:
+    """Read ``key`` from a HF ModelOutput, a dict, or a plain object."""
+    if isinstance(outputs, Mapping):
+        val = outputs.get(key)
+    else:
+        val = getattr(outputs, key, None)
+    if val is None:
+        hint = ""
+        if key in ("hidden_states", "attentions"):
+            hint = f" (run the student with output_{key}=True; attentions need eager attention)"
+        raise KeyError(f"student outputs have no {key!r}{hint}")
+    return val
+
+
+class CompositeLoss(nn.Module):
+    """Weighted sum of the losses named in a ``LossSpec``.
+
+    It is an ``nn.Module`` only because TinyBERT-style hidden losses between
+    different widths own a learnable ``HiddenProjection``: put
+    ``composite.parameters()`` in the optimiser and move it to the device with
+    the student (and wrap it with the student under DDP/FSDP).
+
+    ``student_outputs``: a mapping/object with ``logits`` and, as needed,
+    ``hidden_states`` (tuple, index 0 = embeddings) and ``attentions`` (tuple,
+    one per layer). ``batch``: the cache columns from ``required_columns`` plus
+    ``attention_mask [B, T]``.
+    """
+
+    def __init__(
+        self,
+        spec: LossSpec,
+        student_hidden_size: int | None = None,
+        teacher_hidden_size: int | None = None,
+    ):
+        super().__init__()
+        self.spec = spec
+        self.weights = spec.active()
+        self.proj: HiddenProjection | None = None
+        self._proj_index: dict[tuple[int, int], int] = {}
+        wants_mse = any(n in self.weights for n in ("emb", "hidden"))
+        if (
+            wants_mse
+            and student_hidden_size is not None
+            and teacher_hidden_size is not None
+            and student_hidden_size != teacher_hidden_size
+        ):
+            pairs = (spec.emb_pairs() if "emb" in self.weights else []) + (
+                spec.layer_pairs("hidden") if "hidden" in self.weights else []
+            )
+            self._proj_index = {p: i for i, p in enumerate(pairs)}
+            n = len(pairs) if spec.per_layer_projection else 1
+            self.proj = HiddenProjection(student_hidden_size, teacher_hidden_size, num_maps=n)
+        # Fail at construction, not at step 1, when the spec is incomplete.
+        required_columns(spec)
+        if "rskd" in self.weights and spec.temperature != 1.0:
+            # The cache draws RS-KD samples from the untempered teacher (T = 1); a
+            # tempered student against untempered draws is not the tempered KL.
+            raise ValueError(
+                f"rskd needs temperature 1.0 (the cached draws are from the teacher at T = 1), "
+                f"got {spec.temperature}"
+            )
+
+    def _proj_for(self, pair: tuple[int, int]):
+        if self.proj is None:
+            return None
+        return partial(self.proj, index=self._proj_index.get(pair, 0))
+
+    def compute(self, student_outputs: Any, batch: Mapping[str, torch.Tensor]):
+        """Return ``(total, {name: unweighted detached value})``."""
+        spec = self.spec
+        mask = batch["attention_mask"]
+        parts: dict[str, torch.Tensor] = {}
+        total = None
+        for name, w in self.weights.items():
+            if name == "kd":
+                val = topk_kd_loss(
+                    _out(student_outputs, "logits"),
+                    batch["topk_ids"],
+                    batch["topk_logprobs"],
+                    batch.get("topk_log_tail"),
+                    mask,
+                    spec.temperature,
+                    spec.kd_tail,
+                )
+            elif name == "rskd":
+                val = sampled_kd_loss(
+                    _out(student_outputs, "logits"),
+                    batch["sample_ids"],
+                    batch["sample_weights"],
+                    mask,
+                    spec.temperature,
+                )
+            elif name == "mlm":
+                val = mlm_loss(_out(student_outputs, "logits"), batch["mlm_positions"], batch["mlm_labels"])
+            elif name == "clm":
+                val = causal_lm_loss(_out(student_outputs, "logits"), batch["input_ids"], mask)
+            elif name == "cos":
+                s, t = spec.cos_pair()
+                val = cosine_hidden_loss(_out(student_outputs, "hidden_states")[s], batch[f"hidden_{t}"], mask)
+            elif name in ("emb", "hidden"):
+                hs = _out(student_outputs, "hidden_states")
+                pairs = spec.emb_pairs() if name == "emb" else spec.layer_pairs("hidden")
+                # Summed over layers, as in TinyBERT (not averaged).
+                val = sum(
+                    hidden_mse_loss(hs[s], batch[f"hidden_{t}"], mask, self._proj_for((s, t)))
+                    for s, t in pairs
+                )
+            elif name == "attn":
+                att = _out(student_outputs, "attentions")
+                val = sum(
+                    attention_mse_loss(
+                        att[s - 1], batch[f"attention_{t}"], mask, spec.attention_kind, spec.average_heads
+                    )
+                    for s, t in spec.layer_pairs("attn")
+                )
+            elif name == "pred":
+                val = soft_cross_entropy(_out(student_outputs, "logits"), batch["task_logits"], spec.temperature)
+            elif name == "ce":
+                val = hard_ce(_out(student_outputs, "logits"), batch["label"])
+            else:  # pragma: no cover - LossSpec validates names
+                raise AssertionError(name)
+            if not torch.is_tensor(val):  # sum over an empty pair list
+                raise ValueError(f"loss {name!r} has no layer pairs to compare in {spec.layer_map}")
+            parts[name] = val.detach()
+            total = w * val if total is None else total + w * val
+        if total is None:
+            raise ValueError("LossSpec has no loss with a non-zero weight")
+        return total, parts
+
+    def forward(self, student_outputs: Any, batch: Mapping[str, torch.Tensor]):
+        return self.compute(student_outputs, batch)
+
+
+# --------------------------------------------------------------------------- #
+# presets
+# --------------------------------------------------------------------------- #
+
+
+def distilbert(n_student: int = 6, n_teacher: int = 12, kd_tail: str = "bucket") -> LossSpec:
+    """DistilBERT (Sanh et al. 2019; HF research_projects/distillation train.py).
+
+    T = 2, α_ce (KD) = 5.0, α_mlm = 2.0, α_cos = 1.0, cosine on the last hidden
+    states. Their KD is a full-vocabulary KL; from a top-k cache we default to
+    the tail bucket (closest to full KL; exact at T = 1).
+    """
+    return LossSpec(
+        weights={"kd": 5.0, "mlm": 2.0, "cos": 1.0},
+        temperature=2.0,
+        kd_tail=kd_tail,
+        cos_layer=(n_student, n_teacher),
+    )
+
+
+def tinybert_general(n_student: int = 4, n_teacher: int = 12, attention_kind: str = "probs") -> LossSpec:
+    """TinyBERT general distillation: embedding + hidden + attention, uniform map."""
+    return LossSpec(
+        weights={"emb": 1.0, "hidden": 1.0, "attn": 1.0},
+        temperature=1.0,
+        layer_map=uniform_layer_map(n_student, n_teacher),
+        attention_kind=attention_kind,
+    )
+
+
+def tinybert_task(
+    n_student: int = 4, n_teacher: int = 12, stage: str = "pred", temperature: float = 1.0
+) -> LossSpec:
+    """TinyBERT task-specific distillation, two separate runs.
+
+    ``stage="intermediate"`` (run first, optional): emb + hidden + attn on the
+    task data; ``stage="pred"``: prediction-layer soft CE against the cached
+    ``task_logits`` at T = 1.
+    """
+    if stage == "pred":
+        return LossSpec(weights={"pred": 1.0}, temperature=temperature)
+    if stage == "intermediate":
+        return replace(tinybert_general(n_student, n_teacher), temperature=temperature)
+    raise ValueError(f"stage must be 'pred' or 'intermediate', got {stage!r}")
+
+
+def lm(
+    n_student: int,
+    n_teacher: int,
+    kd: str = "topk",
+    temperature: float | None = None,
+    kd_tail: str = "bucket",
+) -> LossSpec:
+    """Causal-LM distillation, DistilGPT2-style: KD 5.0 + causal LM 2.0 + cosine 1.0.
+
+    ``kd="topk"`` reads the top-k cache (default T = 2, as DistilBERT/DistilGPT2);
+    ``kd="sampled"`` the RS-KD cache, whose draws are from the teacher at T = 1,
+    so T defaults to (and must stay) 1. The
+    cosine term needs equal widths (a layer-copied student); drop it with
+    ``spec.weights["cos"] = 0`` for a narrower student.
+    """
+    if kd not in ("topk", "sampled"):
+        raise ValueError(f"kd must be 'topk' or 'sampled', got {kd!r}")
+    name = "kd" if kd == "topk" else "rskd"
+    if temperature is None:
+        temperature = 2.0 if kd == "topk" else 1.0
+    return LossSpec(
+        weights={name: 5.0, "clm": 2.0, "cos": 1.0},
+        temperature=temperature,
+        kd_tail=kd_tail,
+        cos_layer=(n_student, n_teacher),
+    )
+
+
+PRESETS: dict[str, Callable[..., LossSpec]] = {
+    "distilbert": distilbert,
+    "tinybert-general": tinybert_general,
+    "tinybert-task": tinybert_task,
+    "lm": lm,
+}
+
+
+def preset(name: str, **kwargs: Any) -> LossSpec:
+    """``preset("tinybert-general", n_student=4, n_teacher=12)`` → LossSpec."""
+    try:
+        fn = PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}") from None
+    return fn(**kwargs)

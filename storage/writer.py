@@ -1,0 +1,253 @@
+"""Writing a cache: one `ShardWriter` per shard, one `CacheWriter` per cache directory.
+
+Commit protocol (docs/format.md, "Commit protocol"):
+1. `CacheWriter` writes `intent.json` (the header this pass will produce) and removes stale temps.
+2. Each shard is streamed to `shards/.tmp-<name>.<random>`, hashed on the way, renamed to its final
+   name when complete, and only then gets its completion marker `shards/<name>.json`.
+3. `manifest.json` is written last, from the markers. It is the commit: readers need it.
+A crash at any point leaves committed shards intact and nothing partial under a final name.
+"""
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from typing import Any, Mapping
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .checksum import HashingWriter
+from .columns import to_record_batch
+from .errors import CacheExistsError, ManifestError
+from .fs import TMP_PREFIX, Location
+from .manifest import INTENT, MANIFEST, SHARD_DIR, Header, Manifest, ShardInfo, read_manifest, shard_name, write_manifest
+from .schema import CacheSpec, build_schema
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    zstd_level: int = 3  # measured: higher levels barely shrink these columns and slow writes
+    byte_stream_split: bool = True  # on float leaves (and codec leaves that ask for it)
+    page_checksums: bool = True  # Parquet page CRCs, checked by readers on the pages they touch
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@lru_cache(maxsize=32)
+def _leaf_paths(schema: pa.Schema) -> dict[str, list[str]]:
+    """Column name -> its Parquet leaf paths (encodings must be set on leaves, not on list columns)."""
+    buf = io.BytesIO()
+    pq.ParquetWriter(buf, schema).close()
+    meta = pq.ParquetFile(io.BytesIO(buf.getvalue())).metadata
+    out: dict[str, list[str]] = {}
+    for i in range(meta.num_columns):
+        path = meta.schema.column(i).path
+        out.setdefault(path.split(".", 1)[0], []).append(path)
+    return out
+
+
+def parquet_writer_kwargs(spec: CacheSpec, schema: pa.Schema, options: WriteOptions) -> dict[str, Any]:
+    """The encodings of docs/format.md "Encodings": BYTE_STREAM_SPLIT where it measured smaller."""
+    bss_types = {pa.float16(), pa.float32(), pa.uint16()}
+    codec_bss = spec.codec.bss_leaves() if spec.targets == "topk" else set()
+    encodings: dict[str, str] = {}
+    if options.byte_stream_split:
+        for field in schema:
+            leaf_type = field.type
+            while pa.types.is_list(leaf_type) or pa.types.is_fixed_size_list(leaf_type):
+                leaf_type = leaf_type.value_type
+            is_float_like = leaf_type in bss_types and not field.name.startswith(("topk_", "input_ids", "mlm_", "sample_ids"))
+            is_codec_leaf = field.name.startswith("topk_") and field.name[len("topk_"):] in codec_bss
+            if is_float_like or is_codec_leaf or field.name == "topk_log_tail":
+                for leaf in _leaf_paths(schema)[field.name]:
+                    encodings[leaf] = "BYTE_STREAM_SPLIT"
+    # Dictionary encoding silently wins over any column_encoding, so it is off for every column
+    # except the short strings of `source` where it helps.
+    return dict(
+        compression="zstd",
+        compression_level=options.zstd_level,
+        use_dictionary=["source"],
+        column_encoding=encodings or None,
+        write_statistics=["sample_id", "length"],
+        write_page_checksum=options.page_checksums,
+        data_page_size=1 << 20,
+    )
+
+
+class ShardWriter:
+    """Streams padded batches into one shard; visible under its final name only after `close()`."""
+
+    def __init__(self, loc: Location, index: int, spec: CacheSpec, options: WriteOptions | None = None):
+        self.loc, self.index, self.spec = loc, index, spec
+        self.options = options or WriteOptions()
+        self.name = shard_name(index)
+        self.schema = build_schema(spec)
+        loc.makedirs(SHARD_DIR)
+        self._temp = loc.temp_name(self.name)
+        self._raw = loc.open(SHARD_DIR, self._temp, mode="wb")
+        self._hashing = HashingWriter(self._raw)
+        self._pq = pq.ParquetWriter(self._hashing, self.schema,
+                                    **parquet_writer_kwargs(spec, self.schema, self.options))
+        self.rows = self.tokens = 0
+        self.first_id: int | None = None
+        self.last_id: int | None = None
+        self._done = False
+
+    def write(self, batch: Mapping[str, Any]) -> None:
+        """Append one padded batch (one Parquet row group)."""
+        rb = to_record_batch(batch, self.spec, self.schema)
+        if rb.num_rows == 0:
+            return
+        self._pq.write_batch(rb)
+        ids = rb.column("sample_id").to_numpy()
+        self.first_id = int(ids.min()) if self.first_id is None else min(self.first_id, int(ids.min()))
+        self.last_id = int(ids.max()) if self.last_id is None else max(self.last_id, int(ids.max()))
+        self.rows += rb.num_rows
+        self.tokens += int(rb.column("length").to_numpy().sum())
+
+    def close(self) -> ShardInfo:
+        """Finish the file, move it into place, then write its completion marker."""
+        if self.rows == 0:
+            self.abort()
+            raise ValueError(f"shard {self.name}: no rows were written; an empty shard is never committed")
+        try:
+            self._pq.close()
+            self._raw.close()
+            self.loc.commit(self._temp, self.name, SHARD_DIR)
+        except BaseException:
+            self.abort()
+            raise
+        self._done = True
+        info = ShardInfo(file=f"{SHARD_DIR}/{self.name}", index=self.index, rows=self.rows, tokens=self.tokens,
+                         bytes=self._hashing.size, checksum=self._hashing.digest,
+                         sample_id_first=self.first_id, sample_id_last=self.last_id)
+        self.loc.write_text_atomic(marker_name(self.index), json.dumps(asdict(info)) + "\n", SHARD_DIR)
+        return info
+
+    def abort(self) -> None:
+        """Drop the temporary file; nothing under a final name is touched."""
+        if self._done:
+            return
+        self._done = True
+        for closer in (self._pq.close, self._raw.close):
+            try:
+                closer()
+            except Exception:  # already failing: the original error is the one to report
+                pass
+        self.loc.remove(SHARD_DIR, self._temp)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def marker_name(index: int) -> str:
+    return shard_name(index).replace(".parquet", ".json")
+
+
+class CacheWriter:
+    """Owns one cache directory for one teacher pass: refuses foreign caches, resumes its own."""
+
+    def __init__(self, url: str, header: Header, *, overwrite: bool = False,
+                 storage_options: dict[str, Any] | None = None, options: WriteOptions | None = None):
+        self.loc = Location.parse(url, storage_options)
+        self.header = header
+        self.options = options or WriteOptions()
+        self.complete: Manifest | None = None  # set when the same cache is already committed
+        self._claim(overwrite)
+
+    # -- directory state --------------------------------------------------------------------------
+    def _existing_fingerprint(self) -> tuple[str | None, str]:
+        """(fingerprint of what is there, what it is) without trusting a damaged manifest."""
+        if self.loc.exists(MANIFEST):
+            try:
+                return read_manifest(self.loc).header.fingerprint, "a committed cache"
+            except ManifestError as exc:
+                return "damaged", f"a cache with a damaged manifest ({exc})"
+        if self.loc.exists(INTENT):
+            try:
+                return Header.from_json(json.loads(self.loc.read_text(INTENT))).fingerprint, "an unfinished teacher pass"
+            except (ValueError, KeyError, TypeError):
+                return "damaged", "an unfinished pass with a damaged intent.json"
+        return None, "nothing"
+
+    def _claim(self, overwrite: bool) -> None:
+        found, what = self._existing_fingerprint()
+        mine = self.header.fingerprint
+        if found is None:
+            foreign = [n for n in self.loc.listdir() if n not in (SHARD_DIR,) and not n.startswith(TMP_PREFIX)]
+            if foreign:
+                raise CacheExistsError(f"{self.loc.display()} is not empty and holds no kdcache cache "
+                                       f"({', '.join(foreign[:5])}...); choose an empty or new --out directory")
+        elif found != mine:
+            if not overwrite:
+                raise CacheExistsError(
+                    f"{self.loc.display()} already holds {what} written with different options "
+                    f"(teacher/tokenizer/options fingerprint {found} != {mine}); pass --overwrite to replace it, "
+                    "or choose another --out directory")
+            self.wipe()
+        elif self.loc.exists(MANIFEST):
+            self.complete = read_manifest(self.loc)
+            return
+        self.loc.makedirs()
+        self.loc.makedirs(SHARD_DIR)
+        self.loc.write_text_atomic(INTENT, json.dumps(self.header.to_json(), indent=1, sort_keys=True) + "\n")
+        self.clean_temps()
+
+    def wipe(self) -> None:
+        """Remove a previous cache (manifest first, so a crash mid-wipe never looks committed)."""
+        self.loc.remove(MANIFEST)
+        self.loc.remove(INTENT)
+        for name in self.loc.listdir(SHARD_DIR):
+            self.loc.remove(SHARD_DIR, name)
+
+    def clean_temps(self) -> list[str]:
+        removed = []
+        for sub in ("", SHARD_DIR):
+            for name in (self.loc.listdir(sub) if sub else self.loc.listdir()):
+                if name.startswith(TMP_PREFIX):
+                    self.loc.remove(*([sub] if sub else []), name)
+                    removed.append(name)
+        return removed
+
+    # -- shards -----------------------------------------------------------------------------------
+    def committed(self) -> dict[int, ShardInfo]:
+        """Shards whose file and completion marker both exist and agree on the size."""
+        if self.complete is not None:
+            return {s.index: s for s in self.complete.shards}
+        names = set(self.loc.listdir(SHARD_DIR))
+        out = {}
+        for name in names:
+            if not (name.startswith("shard-") and name.endswith(".json")):
+                continue
+            try:
+                info = ShardInfo.from_json(json.loads(self.loc.read_text(SHARD_DIR, name)), name)
+            except (ValueError, ManifestError):
+                continue  # a damaged marker means the shard is redone, never trusted
+            shard_file = info.file.split("/", 1)[-1]
+            if shard_file in names and self.loc.size(SHARD_DIR, shard_file) == info.bytes:
+                out[info.index] = info
+        return out
+
+    def shard_writer(self, index: int) -> ShardWriter:
+        return ShardWriter(self.loc, index, self.header.spec, self.options)
+
+    def commit(self, expected_shards: int | None = None) -> Manifest:
+        """Write manifest.json from the completion markers: the cache becomes readable."""
+        shards = self.committed()
+        if expected_shards is not None:
+            missing = sorted(set(range(expected_shards)) - set(shards))
+            if missing:
+                raise ManifestError(f"cannot commit {self.loc.display()}: shards {missing[:10]} of {expected_shards} "
+                                    "are not written yet; re-run the pass to finish them")
+        manifest = write_manifest(self.loc, self.header, list(shards.values()))
+        self.complete = manifest
+        return manifest

@@ -1,0 +1,19 @@
+"""Shared fixtures (helpers that tests import live in tests/support.py)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from storage import CacheSpec  # noqa: E402
+
+
+@pytest.fixture
+def full_spec() -> CacheSpec:
+    """Every column kind at once, small enough to write in milliseconds."""
+    return CacheSpec(vocab_size=300, max_length=12, targets="topk", k=8, hidden_layers=(0, 2), hidden_size=16,
+                     attention_layers=(2,), num_heads=2, mlm=True, num_labels=3, has_labels=True)

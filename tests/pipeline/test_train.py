@@ -1,0 +1,342 @@
+"""Training students from a cache (pipeline.train): tiny teachers and caches, the teacher folder deleted
+before any training, the in-process loop for most checks and a few real Ray Train runs.
+
+Test hook used here: `fail_at_step=N` (with `fail_rank`) makes that rank raise just before step N,
+once per run folder, to exercise Ray Train's FailureConfig and the resume path.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline.train import CompatibilityError, load_train_config, normalize, train, validate
+from storage import CacheReader, ColumnError, assign_shards
+from tests.support import WORDS, llama_tokenizer, tiny_corpus
+
+BATCH = 4
+
+
+def _bert_mlm_teacher(folder: Path, layers: int = 4, hidden: int = 32, heads: int = 4) -> str:
+    """A tiny BERT masked LM with a WordPiece vocab of tests.support.WORDS.
+
+    Built here rather than with tests.support.make_teacher: its BertTokenizerFast(vocab_file=...)
+    yields a 5-token vocabulary under transformers 5, while from_pretrained(folder) reads vocab.txt.
+    """
+    import torch
+    from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
+
+    folder.mkdir(parents=True)
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    tok = BertTokenizerFast.from_pretrained(str(folder))
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                                       num_hidden_layers=layers, num_attention_heads=heads,
+                                       max_position_embeddings=64))
+    model.save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Two caches of one masked-LM teacher, three students; then the teacher folder is deleted."""
+    from pipeline.cache_pass import CacheConfig, run_cache_pass
+    from pipeline.student import init_student_from_teacher
+
+    root = tmp_path_factory.mktemp("train")
+    teacher = _bert_mlm_teacher(root / "teacher")
+    corpus = tiny_corpus(root / "corpus.jsonl", docs=60)
+    common = dict(teacher=teacher, corpus=[corpus], max_length=16, batch_size=8, shard_tokens=16 * 12,
+                  progress=False)
+    # everything: top-k, every hidden layer and attention map
+    run_cache_pass(CacheConfig(out=str(root / "cache"), top_k=8, hidden_layers="all", attention_layers="all",
+                               **common), executor="local", log=lambda *_: None)
+    # no soft targets, only the last hidden layer
+    run_cache_pass(CacheConfig(out=str(root / "cache_small"), top_k=0, hidden_layers="4", **common),
+                   executor="local", log=lambda *_: None)
+    init_student_from_teacher(teacher, root / "student", num_layers=2)  # copy mode: blocks 0 and 3
+    init_student_from_teacher(teacher, root / "narrow", num_layers=2, hidden_size=16, num_heads=2, seed=1)
+    shutil.rmtree(teacher)  # from here on nothing can load the teacher
+    assert not Path(teacher).exists()
+    return root
+
+
+def _cfg(root: Path, out: str, recipe: str = "distilbert", student: str = "student", cache: str = "cache",
+         **flags):
+    overrides = flags.pop("overrides", [])
+    base = {"cache": str(root / cache), "student": str(root / student), "out": str(root / out),
+            "batch_size": BATCH, "progress": False, **flags}
+    return load_train_config(recipe, None, base, ["warmup_ratio=0", "lr=2e-3", *overrides])
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _samples(run: Path, rank: int) -> list[dict]:
+    return [json.loads(line) for line in (run / "samples" / f"rank-{rank:05d}.jsonl").read_text().splitlines()]
+
+
+# --------------------------------------------------------------------------------------------- #
+# in-process loop (--no-ray)
+# --------------------------------------------------------------------------------------------- #
+
+
+def test_losses_decrease_and_student_loads_without_teacher(setup):
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    summary = train(_cfg(setup, "run_dec", no_ray=True, steps=40, overrides=["checkpoint_every=20"]),
+                    log=lambda *_: None)
+    rows = _metrics(setup / "run_dec")
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    assert {"loss", "loss_kd", "loss_mlm", "loss_cos", "lr", "tokens_per_s"} <= set(rows[0])
+    first, last = rows[:5], rows[-5:]
+    for key in ("loss", "loss_kd"):
+        assert sum(r[key] for r in last) < 0.9 * sum(r[key] for r in first), key
+    assert summary["steps"] == 40 and summary["resumed_from_step"] == 0
+    # only the columns the losses read
+    assert "attention_1" not in summary["columns"] and "hidden_2" not in summary["columns"]
+    student = AutoModelForMaskedLM.from_pretrained(str(setup / "run_dec" / "student"))
+    tok = AutoTokenizer.from_pretrained(str(setup / "run_dec" / "student"))
+    assert student.config.num_hidden_layers == 2 and len(tok) == student.config.vocab_size
+    assert list((setup / "run_dec" / "tb").glob("events.out.tfevents.*"))
+
+
+def test_in_process_resume_is_exact_across_epochs(setup):
+    """Crash after a checkpoint, re-run: the same losses and rows as one uninterrupted run (shuffled
+    shard order, an epoch boundary and a short last batch included)."""
+    rows = CacheReader(str(setup / "cache")).manifest.rows
+    steps = math.ceil(rows / BATCH) + 3
+    extra = ["shuffle=true", "log_samples=true", "checkpoint_every=4"]
+    train(_cfg(setup, "ref", no_ray=True, steps=steps, overrides=extra), log=lambda *_: None)
+    crashed = _cfg(setup, "crash", no_ray=True, steps=steps, overrides=[*extra, "fail_at_step=7"])
+    with pytest.raises(RuntimeError, match="injected failure before step 7"):
+        train(crashed, log=lambda *_: None)
+    said: list[str] = []
+    summary = train(crashed, log=said.append)
+    assert summary["resumed_from_step"] == 4 and "resuming" in said[0]
+    ref, got = _metrics(setup / "ref"), _metrics(setup / "crash")
+    assert [r["step"] for r in got] == list(range(1, steps + 1))
+    for a, b in zip(ref, got):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), a["step"]
+    assert _samples(setup / "ref", 0) == _samples(setup / "crash", 0)
+    seen = [i for s in _samples(setup / "crash", 0) if s["epoch"] == 0 for i in s["sample_ids"]]
+    assert sorted(seen) == list(range(rows))
+    # a different batch size cannot continue these data positions
+    with pytest.raises(CompatibilityError, match="batch_size"):
+        validate(_cfg(setup, "crash", no_ray=True, steps=steps, batch_size=3, overrides=extra))
+
+
+def test_tinybert_general_with_projection_and_masked_kd(setup):
+    # narrower student: emb/hidden losses get a learned projection (16 -> 32), attention heads averaged
+    cfg = _cfg(setup, "run_tiny", recipe="tinybert-general", student="narrow", no_ray=True, steps=6,
+               overrides=["average_heads=true"])
+    report = validate(cfg)
+    assert report["projection"] and report["layer_map"] == [(0, 0), (1, 2), (2, 4)]
+    assert set(report["loss_weights"]) == {"emb", "hidden", "attn"}
+    summary = train(cfg, log=lambda *_: None)
+    assert math.isfinite(summary["final_loss"])
+    # KD restricted to the cached mask positions
+    cfg = _cfg(setup, "run_masked", no_ray=True, steps=3, kd_positions="masked")
+    assert math.isfinite(train(cfg, log=lambda *_: None)["final_metrics"]["loss_kd"])
+
+
+class GRUStudent:
+    """A non-transformer student: only forward(input_ids, attention_mask) -> StudentOutputs."""
+
+    @staticmethod
+    def make(config: dict):
+        import torch.nn as nn
+
+        from pipeline.train import StudentOutputs
+
+        class Net(nn.Module):
+            num_layers, hidden_size, vocab_size = 1, 32, len(WORDS) + 5
+
+            def __init__(self):
+                super().__init__()
+                self.emb = nn.Embedding(self.vocab_size, 32)
+                self.rnn = nn.GRU(32, 32, batch_first=True)
+                self.head = nn.Linear(32, self.vocab_size)
+
+            def forward(self, input_ids, attention_mask):
+                e = self.emb(input_ids.long())
+                h, _ = self.rnn(e)
+                return StudentOutputs(logits=self.head(h), hidden_states=(e, h))
+
+        return Net()
+
+
+def make_gru_student(config: dict):
+    return GRUStudent.make(config)
+
+
+def test_non_transformer_student(setup):
+    cfg = _cfg(setup, "run_gru", no_ray=True, steps=25, cos_layer="1:4",
+               overrides=["student_factory=tests.pipeline.test_train:make_gru_student", "lr=1e-2"])
+    train(cfg, log=lambda *_: None)
+    rows = _metrics(setup / "run_gru")
+    assert sum(r["loss"] for r in rows[-5:]) < sum(r["loss"] for r in rows[:5])
+    assert (setup / "run_gru" / "student" / "student.pt").exists()
+
+
+# --------------------------------------------------------------------------------------------- #
+# compatibility checks, before step 1
+# --------------------------------------------------------------------------------------------- #
+
+
+def test_tokenizer_mismatch_and_missing_tokenizer(setup, tmp_path):
+    other = tmp_path / "other_tok"
+    shutil.copytree(setup / "student", other)
+    for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (other / f).unlink(missing_ok=True)
+    with pytest.raises(CompatibilityError, match="no loadable tokenizer.*check_tokenizer=false"):
+        validate(_cfg(setup, "x", student=str(other)))
+    llama_tokenizer().save_pretrained(str(other))
+    with pytest.raises(CompatibilityError, match="tokenizer .* differs from the one the cache was made with"):
+        validate(_cfg(setup, "x", student=str(other)))
+    assert validate(_cfg(setup, "x", student=str(other), overrides=["check_tokenizer=false"]))["ok"]
+
+
+def test_width_and_head_mismatches(setup):
+    with pytest.raises(CompatibilityError, match="'cos'.*equal widths.*loss_weights.cos=0"):
+        validate(_cfg(setup, "x", student="narrow"))
+    with pytest.raises(CompatibilityError, match="2 heads and the teacher 4.*average_heads=true"):
+        validate(_cfg(setup, "x", recipe="tinybert-general", student="narrow"))
+
+
+def test_missing_column_names_the_loss(setup):
+    # the small cache has no top-k targets: the KD term cannot run
+    with pytest.raises(ColumnError, match="loss 'kd'.*'none' targets.*topk_"):
+        validate(_cfg(setup, "x", cache="cache_small"))
+    with pytest.raises(CompatibilityError, match="pred/ce need a classifier student"):
+        validate(_cfg(setup, "x", recipe="tinybert-task"))
+
+
+def test_layer_map_outside_the_cached_layers(setup):
+    with pytest.raises(CompatibilityError, match=r"teacher hidden layer 0, but the cache stores hidden layers \[4\]"
+                                                 r".*--hidden-layers 0,1,4"):
+        validate(_cfg(setup, "x", recipe="tinybert-general", cache="cache_small",
+                      overrides=["loss_weights.attn=0"]))
+    with pytest.raises(CompatibilityError, match="student layer 5"):
+        validate(_cfg(setup, "x", cos_layer="5:4"))
+    with pytest.raises(CompatibilityError, match="fewer than --workers 99"):
+        validate(_cfg(setup, "x", workers=99))
+
+
+def test_cli_validate_and_overrides(setup, capsys, tmp_path):
+    from pipeline.train_cli import register
+
+    parser = argparse.ArgumentParser(prog="kdcache")
+    register(parser.add_subparsers(dest="command"))
+    user = tmp_path / "user.yaml"
+    user.write_text("recipe: distilbert\nlr: 1.0e-4\nloss_weights: {kd: 1.0}\n")
+    args = parser.parse_args(["train", "--cache", str(setup / "cache"), "--student", str(setup / "student"),
+                              "--out", str(tmp_path / "run"), "--config", str(user), "--steps", "7",
+                              "--validate", "--json", "loss_weights.cos=0", "temperature=3"])
+    assert args.func(args) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # recipe < --config < flags < key=value; dotted keys edit one weight
+    assert report["loss_weights"] == {"kd": 1.0, "mlm": 2.0} and report["temperature"] == 3.0
+    assert report["steps"] == 7
+    with pytest.raises(ValueError, match="unknown key 'bogus'"):
+        load_train_config("distilbert", None, {}, ["bogus=1"])
+    with pytest.raises(ValueError, match="unknown recipe"):
+        load_train_config("nope", None, {}, [])
+
+
+# --------------------------------------------------------------------------------------------- #
+# Ray Train (each fit costs ~15-30 s on 2 cores: few, short runs)
+# --------------------------------------------------------------------------------------------- #
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _ray_cfg(setup, out: str, **extra):
+    rows = [sum(s.rows for s in assign_shards(CacheReader(str(setup / "cache")).shards, r, 2)) for r in range(2)]
+    steps = max(math.ceil(n / BATCH) for n in rows) + 1  # every rank finishes epoch 0, the smaller one wraps
+    overrides = ["checkpoint_every=3", "keep_checkpoints=2", "log_samples=true", "tensorboard=false",
+                 *extra.pop("overrides", [])]
+    return _cfg(setup, out, workers=2, steps=steps, overrides=overrides, **extra)
+
+
+@pytest.fixture(scope="module")
+def reference_run(setup, ray_cluster):
+    """An uninterrupted 2-worker Ray Train run, checkpointing every 3 steps."""
+    cfg = normalize(_ray_cfg(setup, "ray_ref"))  # resolved storage_path / run_name
+    return cfg, train(cfg, log=lambda *_: None)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_two_workers_checkpoint(setup, reference_run):
+    from transformers import AutoModelForMaskedLM
+
+    cfg, summary = reference_run
+    run = Path(cfg.out)
+    assert summary["steps"] == cfg.steps and summary["resumed_from_step"] == 0
+    ckpts = sorted(p.name for p in (Path(cfg.storage_path) / cfg.run_name).glob("step-*"))
+    assert len(ckpts) == 2 and ckpts[-1] == f"step-{cfg.steps:08d}"  # num_to_keep=2, the last step included
+    last = Path(cfg.storage_path) / cfg.run_name / ckpts[-1]
+    names = {p.name for p in last.iterdir()}
+    assert {"model.pt", "optimizer.pt", "scheduler.pt", "loss.pt", "state.json", "rank-00000.json",
+            "rank-00001.json", "rng-00000.pt", "rng-00001.pt"} <= names  # both workers' files, merged
+    assert [r["step"] for r in _metrics(run)] == list(range(1, cfg.steps + 1))
+    assert AutoModelForMaskedLM.from_pretrained(str(run / "student")).config.num_hidden_layers == 2
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_worker_failure_resumes_exactly(setup, reference_run):
+    ref_cfg, _ = reference_run
+    cfg = _ray_cfg(setup, "ray_fail", overrides=["fail_at_step=5", "fail_rank=1", "max_failures=1"])
+    summary = train(cfg, log=lambda *_: None)
+    assert summary["resumed_from_step"] == 3  # restarted by Ray Train from the step-3 checkpoint
+    ref, got = _metrics(Path(ref_cfg.out)), _metrics(Path(cfg.out))
+    assert [r["step"] for r in got] == [r["step"] for r in ref]
+    for a, b in zip(ref, got):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), a["step"]
+    reader = CacheReader(cfg.cache)
+    for rank in range(2):
+        assert _samples(Path(cfg.out), rank) == _samples(Path(ref_cfg.out), rank)
+        seen = [i for s in _samples(Path(cfg.out), rank) if s["epoch"] == 0 for i in s["sample_ids"]]
+        mine = [i for sh in assign_shards(reader.shards, rank, 2)
+                for i in range(sh.sample_id_first, sh.sample_id_last + 1)]
+        assert seen == mine  # each of the rank's rows once, in order: none twice, none skipped
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_rerunning_the_same_command_resumes(setup, reference_run, capsys):
+    from pipeline.train_cli import register
+
+    ref_cfg, _ = reference_run
+    parser = argparse.ArgumentParser(prog="kdcache")
+    register(parser.add_subparsers(dest="command"))
+    argv = ["train", "--recipe", "distilbert", "--cache", str(setup / "cache"), "--student", str(setup / "student"),
+            "--out", str(setup / "ray_rerun"), "--workers", "2", "--steps", str(ref_cfg.steps), "--batch-size",
+            str(BATCH), "--checkpoint-every", "3", "--max-failures", "0", "--no-progress", "--json",
+            "warmup_ratio=0", "lr=2e-3", "log_samples=true", "tensorboard=false", "fail_at_step=5"]
+    args = parser.parse_args(argv)
+    assert args.func(args) == 1  # no retries allowed: the run stops after the step-3 checkpoint
+    assert "re-run the same command" in capsys.readouterr().err
+    args = parser.parse_args(argv)
+    assert args.func(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["resumed_from_step"] == 3
+    for a, b in zip(_metrics(Path(ref_cfg.out)), _metrics(setup / "ray_rerun")):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), a["step"]

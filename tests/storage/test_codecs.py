@@ -1,0 +1,241 @@
+"""Value codecs: exact ids, bounded log-prob and dense errors, plain Parquet leaves, clear errors.
+
+Synthetic data only (no model downloads); the real-teacher numbers come from
+pipeline/bench/topk_codec_experiment.py.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from storage.codecs import (
+    CODECS,
+    DEFAULT_TOPK_CODEC,
+    decode_dense,
+    dense_element_type,
+    encode_dense,
+    float32_to_bfloat16_bits,
+    get_topk_codec,
+    narrowest_uint,
+    topk_kl_error,
+)
+
+K = 64
+
+
+def lm_like_topk(n: int, vocab: int, k: int = K, seed: int = 0):
+    """Top-k of LM-like next-token distributions: logits fall off like
+    -s*log(rank) with a per-token sharpness s (some tokens peaked, some flat),
+    ids biased to small values as in a frequency-ordered BPE vocabulary.
+    Top-1 probability median ~0.48 and top-k entropy median ~2.1 nats, close to
+    SmolLM2 on Wikipedia (0.42, 2.2), where the default codec measured 8.4e-5."""
+    rng = np.random.default_rng(seed)
+    cand = min(vocab, 4 * k)
+    if vocab <= cand:
+        ids = np.stack([rng.permutation(vocab) for _ in range(n)])
+    else:
+        # Log-uniform draws span the whole vocabulary but favour small ids.
+        draws = (vocab ** rng.random((n, 3 * cand))).astype(np.int64) - 1
+        ids = np.stack([rng.permutation(np.unique(d))[:cand] for d in draws])
+    s = rng.uniform(0.8, 2.5, size=(n, 1))
+    logits = -s * np.log1p(np.arange(cand))[None, :] + rng.normal(0, 0.3, size=(n, cand))
+    # Mass outside the top-k: 2-30% of the total, as for a real teacher.
+    logz = np.logaddexp.reduce(logits, axis=1, keepdims=True) + np.log1p(rng.uniform(0.02, 0.3, (n, 1)))
+    top = np.argsort(-logits, axis=1)[:, :k]
+    return np.take_along_axis(ids, top, 1), (np.take_along_axis(logits, top, 1) - logz).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- top-k
+
+
+@pytest.mark.parametrize("vocab", [100, 30_522, 49_152, 70_000])
+@pytest.mark.parametrize("name", sorted(CODECS))
+def test_ids_round_trip_exactly(name, vocab):
+    ids, lp = lm_like_topk(200, vocab, seed=vocab)
+    ids[0, :2] = [0, vocab - 1]  # both ends of the vocabulary
+    codec = get_topk_codec(name)
+    enc = codec.encode(ids, lp, vocab_size=vocab)
+    types = codec.element_types(K, vocab)
+    assert set(enc) == set(types) and codec.bss_leaves() <= set(types)
+    for leaf, arr in enc.items():
+        assert arr.shape == ((len(ids),) if leaf in codec.scalar_leaves() else (len(ids), K)), leaf
+        assert pa.from_numpy_dtype(arr.dtype) == types[leaf], leaf
+    ids2, lp2 = codec.decode(enc, K)
+    assert ids2.dtype == np.int64 and lp2.dtype == np.float32 and lp2.shape == lp.shape
+    if name == "exact":
+        np.testing.assert_array_equal(ids2, ids)
+        np.testing.assert_array_equal(lp2, lp)
+    else:
+        np.testing.assert_array_equal(np.sort(ids2, axis=1), np.sort(ids, axis=1))
+        assert topk_kl_error(ids, lp, ids2, lp2) < 2e-4
+
+
+def test_id_width_follows_the_vocabulary():
+    assert get_topk_codec(DEFAULT_TOPK_CODEC).element_types(K, 65_536)["id_deltas"] == pa.uint16()
+    assert get_topk_codec(DEFAULT_TOPK_CODEC).element_types(K, 65_537)["id_deltas"] == pa.uint32()
+    assert get_topk_codec("exact").element_types(K, 70_000)["ids"] == pa.uint32()
+
+
+def test_narrowest_uint_boundaries():
+    assert narrowest_uint(0) == np.uint16
+    assert narrowest_uint(65_535) == np.uint16
+    assert narrowest_uint(65_536) == np.uint32
+    assert narrowest_uint(65_537) == np.uint32
+    assert narrowest_uint(2**32) == np.uint64
+    with pytest.raises(ValueError, match="max_value"):
+        narrowest_uint(-1)
+
+
+def test_default_codec_kl_bound():
+    ids, lp = lm_like_topk(2000, 49_152, seed=1)
+    codec = get_topk_codec(DEFAULT_TOPK_CODEC)
+    ids2, lp2 = codec.decode(codec.encode(ids, lp), K)
+    assert topk_kl_error(ids, lp, ids2, lp2) <= 1e-4
+    # The absolute level survives too: decoded mass matches the top-k mass.
+    mass = np.exp(lp.astype(np.float64)).sum(1)
+    np.testing.assert_allclose(np.exp(lp2.astype(np.float64)).sum(1), mass, rtol=2e-3)  # float16 log_mass
+
+
+def test_default_codec_worst_case_is_a_flat_top_k():
+    # All k entries equal is the documented worst case (~1.3e-4), whatever the
+    # mass outside the top-k, because the codec renormalises first.
+    rng = np.random.default_rng(2)
+    ids = np.stack([rng.choice(49_152, K, replace=False) for _ in range(300)])
+    for log_mass in (0.0, -5.0):
+        lp = np.full((300, K), log_mass - np.log(K), np.float32) + rng.normal(0, 0.05, (300, K)).astype(np.float32)
+        codec = get_topk_codec(DEFAULT_TOPK_CODEC)
+        ids2, lp2 = codec.decode(codec.encode(ids, lp), K)
+        assert topk_kl_error(ids, lp, ids2, lp2) <= 1.4e-4
+
+
+def test_fitted_vocab_order_round_trips_and_rebuilds_from_params():
+    calib, _ = lm_like_topk(300, 49_152, seed=3)
+    ids, lp = lm_like_topk(200, 49_152, seed=4)  # includes ids never seen in calibration
+    fitted = get_topk_codec(DEFAULT_TOPK_CODEC).fit(calib)
+    rebuilt = get_topk_codec(fitted.name, fitted.params())  # as a reader would, from the manifest
+    enc = fitted.encode(ids, lp)
+    ids2, lp2 = rebuilt.decode(enc, K)
+    np.testing.assert_array_equal(np.sort(ids2, axis=1), np.sort(ids, axis=1))
+    assert topk_kl_error(ids, lp, ids2, lp2) <= 1e-4
+    assert fitted.params()["vocab_order"][:5] and get_topk_codec(DEFAULT_TOPK_CODEC).params()["vocab_order"] is None
+
+
+def test_leaves_are_plain_parquet_integers():
+    """Written as the shard writer does, read back with nothing but pyarrow."""
+    ids, lp = lm_like_topk(256, 49_152, seed=5)
+    codec = get_topk_codec(DEFAULT_TOPK_CODEC)
+    enc = codec.encode(ids, lp, vocab_size=49_152)
+    types = codec.element_types(K, 49_152)
+    offsets = pa.array(np.arange(0, 257, 64, dtype=np.int32))  # 4 sequences of 64 tokens
+    cols, enc_by_leaf = {}, {}
+    for leaf, arr in enc.items():
+        values = pa.array(arr.reshape(-1), type=types[leaf])
+        path = f"topk_{leaf}.list.element"
+        if arr.ndim == 2:
+            values, path = pa.FixedSizeListArray.from_arrays(values, K), path + ".list.element"
+        cols[f"topk_{leaf}"] = pa.ListArray.from_arrays(offsets, values)
+        enc_by_leaf[path] = "BYTE_STREAM_SPLIT"
+    buf = io.BytesIO()
+    pq.write_table(pa.table(cols), buf, compression="zstd", use_dictionary=False, column_encoding=enc_by_leaf)
+    table = pq.read_table(io.BytesIO(buf.getvalue()))
+    meta = pq.read_metadata(io.BytesIO(buf.getvalue()))
+    assert all("BYTE_STREAM_SPLIT" in meta.row_group(0).column(i).encodings for i in range(meta.num_columns))
+    back = {}
+    for leaf, arr in enc.items():
+        flat = table.column(f"topk_{leaf}").combine_chunks().flatten()
+        back[leaf] = flat.flatten().to_numpy().reshape(-1, K) if arr.ndim == 2 else flat.to_numpy()
+    ids2, lp2 = codec.decode(back, K)
+    np.testing.assert_array_equal(np.sort(ids2, axis=1), np.sort(ids, axis=1))
+
+
+@pytest.mark.parametrize("name", sorted(CODECS))
+def test_bad_input_names_the_field(name):
+    codec = get_topk_codec(name)
+    ids, lp = lm_like_topk(4, 1000)
+    with pytest.raises(ValueError, match="logprobs"):
+        codec.encode(ids, lp[:, :-1])  # shape mismatch
+    with pytest.raises(ValueError, match="ids"):
+        codec.encode(ids.astype(np.float32), lp)  # wrong dtype
+    with pytest.raises(ValueError, match="ids"):
+        codec.encode(ids[0], lp[0])  # 1-D
+    with pytest.raises(ValueError, match="logprobs"):
+        codec.encode(ids, lp.astype(np.int64))
+    with pytest.raises(ValueError, match="logprobs"):
+        codec.encode(ids, -lp)  # positive "log-probs"
+    with pytest.raises(ValueError, match="ids"):
+        codec.encode(ids, lp, vocab_size=int(ids.max()))
+    enc = codec.encode(ids, lp)
+    leaf = next(n for n, a in enc.items() if a.ndim == 2)
+    with pytest.raises(ValueError, match=leaf):
+        codec.decode(enc, K + 1)  # k mismatch
+    with pytest.raises(ValueError, match=leaf):
+        codec.decode({n: a for n, a in enc.items() if n != leaf}, K)  # leaf missing
+
+
+def test_unknown_codec_and_kl_preconditions():
+    with pytest.raises(ValueError, match="name"):
+        get_topk_codec("zip")
+    ids, lp = lm_like_topk(3, 1000)
+    other = ids.copy()
+    other[0, 0] = next(i for i in range(1000) if i not in ids[0])
+    with pytest.raises(ValueError, match="ids2"):
+        topk_kl_error(ids, lp, other, lp)
+    assert topk_kl_error(ids, lp, ids[:, ::-1], lp[:, ::-1]) == pytest.approx(0, abs=1e-12)
+
+
+# --------------------------------------------------------------------------- dense
+
+
+def test_bfloat16_bits_match_torch():
+    rng = np.random.default_rng(6)
+    x = np.concatenate([
+        rng.standard_normal(100_000).astype(np.float32) * 10.0 ** rng.integers(-8, 8, 100_000),
+        np.array([0.0, -0.0, np.inf, -np.inf, 1e-40, -1e-40, 3.4e38, -3.4e38], np.float32),
+        # exact halfway cases: ties must go to even
+        (np.array([0x3F808000, 0x3F818000, 0x3F80C000], np.uint32)).view(np.float32),
+    ])
+    want = torch.tensor(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(float32_to_bfloat16_bits(x), want)
+    # NaN: torch's bits differ between its scalar and vector paths; ours is 0x7FC0.
+    assert float32_to_bfloat16_bits(np.array([np.nan], np.float32))[0] == 0x7FC0
+    assert np.isnan(decode_dense(float32_to_bfloat16_bits(np.array([np.nan], np.float32)), "bfloat16")).all()
+
+
+def test_dense_forms_round_trip_within_stated_error():
+    rng = np.random.default_rng(7)
+    hidden = (rng.standard_normal((50, 12, 96)) * rng.uniform(0.1, 30, (50, 12, 1))).astype(np.float32)
+    hidden[0, 0] = 0  # an all-zero vector must not divide by zero
+    absmax = np.abs(hidden).max(-1, keepdims=True)
+    for form, bound in [("float16", 2.0**-11 * np.abs(hidden) + 1e-7), ("bfloat16", 2.0**-8 * np.abs(hidden)),
+                        ("int8", absmax / 254 * (1 + 1e-6) + 1e-12)]:
+        codes, params = encode_dense(hidden, form)
+        assert pa.from_numpy_dtype(codes.dtype) == dense_element_type(form)
+        back = decode_dense(codes, form, params)
+        assert back.dtype == np.float32 and back.shape == hidden.shape
+        assert (np.abs(back - hidden) <= bound).all(), form
+    assert encode_dense(hidden, "int8")[1]["scale"].shape == (50, 12)
+
+    attn = rng.dirichlet(np.full(64, 0.1), size=(40, 64)).astype(np.float32)
+    codes, params = encode_dense(attn, "uint8")
+    back = decode_dense(codes, "uint8", params)
+    assert codes.dtype == np.uint8 and back.shape == attn.shape
+    assert np.abs(back - attn).max() <= 1 / 255 + 1e-6
+    assert np.abs(back - attn).mean() < 2e-4
+    assert decode_dense(encode_dense(np.array([0.0, 1.0], np.float32), "uint8")[0], "uint8").tolist() == [0.0, 1.0]
+
+
+def test_dense_bad_input():
+    with pytest.raises(ValueError, match="form"):
+        encode_dense(np.zeros(3, np.float32), "int4")
+    with pytest.raises(ValueError, match="x"):
+        encode_dense(np.zeros(3, np.int32), "float16")
+    codes, params = encode_dense(np.ones((2, 4), np.float32), "int8")
+    with pytest.raises(ValueError, match="params"):
+        decode_dense(codes, "int8", {})
+    with pytest.raises(ValueError, match="params"):
+        decode_dense(codes, "int8", {"scale": np.ones(3, np.float32)})
