@@ -56,6 +56,7 @@ class CacheConfig:
     corpus_format: str | None = None
     task_logits: bool = True  # classifier teachers: cache per-example logits
     topk_codec: str = ""  # default: storage.codecs.DEFAULT_TOPK_CODEC
+    topk_calibration_sequences: int = 128  # teacher top-k of the first N sequences fits the codec (0 = off)
     zstd_level: int = 3
     overwrite: bool = False
     max_retries: int = 3  # per shard, for system failures (actor/node death) only
@@ -106,10 +107,11 @@ def prepare(cfg: CacheConfig) -> Prepared:
     """Read the teacher's config and tokenizer (never its weights) and fix the cache's options."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from storage.codecs import DEFAULT_TOPK_CODEC
-    from .teacher import TeacherOptions, check_weights, detect_kind, teacher_fingerprint_from_config, tokenizer_fingerprint
+    from storage.codecs import DEFAULT_TOPK_CODEC, get_topk_codec
+    from .teacher import (check_weights, detect_kind, teacher_fingerprint_from_config, teacher_options_from,
+                          tokenizer_fingerprint)
 
-    opts = teacher_options(cfg)
+    opts = teacher_options_from(cfg)
     check_weights(cfg.teacher, cfg.allow_pickle)
     config = AutoConfig.from_pretrained(cfg.teacher, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(cfg.teacher, revision=cfg.revision,
@@ -127,6 +129,7 @@ def prepare(cfg: CacheConfig) -> Prepared:
     elif has_lm_head and cfg.top_k > 0:
         targets = "topk"
     vocab_size = max(int(config.vocab_size), len(tokenizer))
+    codec_name = cfg.topk_codec or DEFAULT_TOPK_CODEC
     if targets == "topk" and cfg.top_k > vocab_size:
         raise ValueError(f"--top-k {cfg.top_k} is larger than the vocabulary ({vocab_size} tokens)")
     hidden_dtype = cfg.dtype
@@ -136,7 +139,9 @@ def prepare(cfg: CacheConfig) -> Prepared:
                          f"{config.max_position_embeddings}")
     spec = CacheSpec(
         vocab_size=vocab_size, max_length=cfg.max_length, targets=targets, k=cfg.top_k if targets == "topk" else 64,
-        num_samples=cfg.sample if targets == "sampled" else 0, topk_codec=cfg.topk_codec or DEFAULT_TOPK_CODEC,
+        num_samples=cfg.sample if targets == "sampled" else 0, topk_codec=codec_name,
+        # Always recorded, so a later change of a codec's defaults cannot change how this cache decodes.
+        codec_params=get_topk_codec(codec_name).params(),
         hidden_layers=parse_layers(cfg.hidden_layers, n_layers, 0, "hidden-layers"), hidden_size=config.hidden_size,
         hidden_dtype=hidden_dtype,
         attention_layers=parse_layers(cfg.attention_layers, n_layers, 1, "attention-layers"),
@@ -168,14 +173,6 @@ def auto_shard_tokens(spec: CacheSpec) -> int:
     return int(min(max(DEFAULT_SHARD_BYTES / per_token, 4096), 4_000_000))
 
 
-def teacher_options(cfg: CacheConfig):
-    from .teacher import TeacherOptions
-
-    return TeacherOptions(name_or_path=cfg.teacher, kind=cfg.teacher_kind, revision=cfg.revision,
-                          trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, device=cfg.device,
-                          autocast=cfg.autocast)
-
-
 def iter_shard_inputs(prep: Prepared) -> Iterator[tuple[int, list]]:
     """(shard index, sequences) in deterministic order: the same corpus and options, the same shards."""
     import itertools
@@ -197,6 +194,22 @@ def iter_shard_inputs(prep: Prepared) -> Iterator[tuple[int, list]]:
     return plan_shards(seqs, prep.sequences_per_shard)
 
 
+def shard_batches(prep: Prepared, tok_info, sequences: list) -> Iterator[dict[str, Any]]:
+    """The padded teacher batches of one shard (static masking applied for masked-LM teachers)."""
+    from .masking import iter_masked
+    from .sequences import batch_sequences
+
+    cfg = prep.cfg
+    seqs = sequences
+    if prep.spec.mlm:
+        seqs = iter_masked(sequences, tok_info, dupe_factor=cfg.dupe_factor, seed=cfg.seed,
+                           probability=cfg.mlm_probability)
+    for batch in batch_sequences(seqs, cfg.batch_size, prep.pad_id):
+        if "mlm_positions" in batch:  # collate pads positions with 0; the format pads with -1
+            batch["mlm_positions"] = np.where(batch["mlm_labels"] >= 0, batch["mlm_positions"], -1)
+        yield batch
+
+
 class ShardProcessor:
     """Turns one shard's sequences into a committed shard. Runs inside an actor (or in-process)."""
 
@@ -204,11 +217,11 @@ class ShardProcessor:
         import torch
 
         from .masking import TokenizerInfo
-        from .teacher import OutputSpec, TeacherRunner, load_teacher
+        from .teacher import OutputSpec, TeacherRunner, load_teacher, teacher_options_from
 
         self.prep = prep
         spec = prep.spec
-        model, tokenizer, kind = load_teacher(teacher_options(prep.cfg), need_attentions=bool(spec.attention_layers))
+        model, tokenizer, kind = load_teacher(teacher_options_from(prep.cfg), need_attentions=bool(spec.attention_layers))
         self.tok_info = TokenizerInfo.from_tokenizer(tokenizer)
         if spec.mlm and self.tok_info.mask_token_id is None:
             raise ValueError(f"teacher {prep.cfg.teacher} is a masked LM but its tokenizer has no mask token")
@@ -216,25 +229,26 @@ class ShardProcessor:
                          hidden_layers=spec.hidden_layers, hidden_dtype=spec.hidden_dtype,
                          attention_layers=spec.attention_layers, attention_dtype=spec.attention_dtype,
                          task_logits=spec.num_labels > 0, seed=prep.cfg.seed)
-        self.runner = TeacherRunner(model, kind, out, teacher_options(prep.cfg))
+        self.runner = TeacherRunner(model, kind, out, teacher_options_from(prep.cfg))
         self.loc = Location.parse(out_url, storage_options)
         self.options = WriteOptions(zstd_level=prep.cfg.zstd_level)
         self.forward_calls = 0
         self.torch = torch
 
     def batches(self, sequences: list) -> Iterator[dict[str, Any]]:
-        from .masking import iter_masked
-        from .sequences import batch_sequences
+        return shard_batches(self.prep, self.tok_info, sequences)
 
-        cfg = self.prep.cfg
-        seqs = sequences
-        if self.prep.spec.mlm:
-            seqs = iter_masked(sequences, self.tok_info, dupe_factor=cfg.dupe_factor, seed=cfg.seed,
-                               probability=cfg.mlm_probability)
-        for batch in batch_sequences(seqs, cfg.batch_size, self.prep.pad_id):
-            if "mlm_positions" in batch:
-                batch["mlm_positions"] = np.where(batch["mlm_labels"] >= 0, batch["mlm_positions"], -1)
-            yield batch
+    def set_spec(self, spec: CacheSpec) -> None:
+        """Adopt fitted codec parameters (only the codec may differ from the spec it started with)."""
+        self.prep = dataclasses.replace(self.prep, spec=spec)
+
+    def topk_ids(self, sequences: list) -> np.ndarray:
+        """The teacher's top-k ids of these sequences' real tokens, (tokens, k): the codec's calibration sample."""
+        out = []
+        for batch in self.batches(sequences):
+            ids = self.runner(batch)["topk_ids"]
+            out.append(ids[batch["attention_mask"].astype(bool)])
+        return np.concatenate(out)
 
     def process(self, index: int, sequences: list) -> dict[str, Any]:
         from storage.writer import ShardWriter
@@ -277,6 +291,30 @@ def _corpus_bytes(paths: list[str]) -> int | None:
         return None
 
 
+def _needs_calibration(prep: Prepared) -> bool:
+    """Top-k codecs that can fit a vocabulary order get one, once, before the first shard."""
+    from storage.codecs import TopKCodec, get_topk_codec
+
+    spec = prep.spec
+    if spec.targets != "topk" or prep.cfg.topk_calibration_sequences <= 0:
+        return False
+    codec = spec.codec
+    fits = type(codec).fit is not TopKCodec.fit
+    return fits and spec.codec_params == get_topk_codec(spec.topk_codec).params()
+
+
+def _calibration_sequences(prep: Prepared) -> list:
+    """The first N sequences of the corpus: deterministic, so a rerun fits the same parameters."""
+    import itertools
+
+    seqs = []
+    for _, shard in iter_shard_inputs(prep):
+        seqs += shard
+        if len(seqs) >= prep.cfg.topk_calibration_sequences:
+            break
+    return seqs[: prep.cfg.topk_calibration_sequences]
+
+
 def count_shards(prep: Prepared) -> int:
     return sum(1 for _ in iter_shard_inputs(prep))
 
@@ -298,6 +336,7 @@ def run_cache_pass(cfg: CacheConfig, *, executor: str = "ray", storage_options: 
         return {**summary, "shards_total": len(m.shards), "shards_written": 0, "shards_skipped": len(m.shards),
                 "tokens_written": 0, "forward_calls": 0, "seconds": time.perf_counter() - started,
                 "already_complete": True}
+    prep = dataclasses.replace(prep, header=writer.header, spec=writer.header.spec)  # a resumed pass's fit
     committed = writer.committed()
     size = _corpus_bytes(cfg.corpus)
     total = count_shards(prep) if size is not None and size <= COUNT_LIMIT_BYTES else None
@@ -316,7 +355,6 @@ def run_cache_pass(cfg: CacheConfig, *, executor: str = "ray", storage_options: 
             yield index, seqs
 
     bar = tqdm(total=total, unit="shard", desc="teacher pass", disable=not cfg.progress, dynamic_ncols=True)
-    t0 = time.perf_counter()
 
     def on_done(info: ShardInfo) -> None:
         counts["written"] += 1
@@ -329,6 +367,14 @@ def run_cache_pass(cfg: CacheConfig, *, executor: str = "ray", storage_options: 
     module, cls = run_on.split(":")
     ex = getattr(__import__(module, fromlist=[cls]), cls)(prep, cfg.out, storage_options)
     try:
+        if _needs_calibration(prep):
+            ids = ex.calibrate(_calibration_sequences(prep))
+            fitted = prep.spec.codec.fit(ids)
+            writer.set_codec_params(fitted.params())
+            prep = dataclasses.replace(prep, header=writer.header, spec=writer.header.spec)
+            ex.set_spec(prep.spec)
+            log(f"fitted the {prep.spec.topk_codec} top-k codec on the teacher's top-k of {len(ids):,} tokens")
+        t0 = time.perf_counter()  # teachers are loaded and calibrated: from here on it is the steady-state rate
         ex.run(todo(), on_done)
     finally:
         ex.close()

@@ -153,6 +153,12 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_bench_cache(args) -> int:
+    from pipeline.bench.cache import run
+
+    return run(args)
+
+
 # -- parser ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kdcache", description="Run the teacher once; distil many students from its cache.")
@@ -193,6 +199,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repeats", type=int, default=3, help="timing repetitions (median reported)")
     s.add_argument("--workdir", default=None, help="where to write temporary shards (default: a temp dir)")
     s.set_defaults(func=cmd_bench_storage)
+    s = bsub.add_parser("cache", help="full teacher pass vs a bare forward loop: tokens/s of each and their ratio")
+    s.add_argument("--json", action="store_true", help="print one JSON object (last line)")
+    s.add_argument("--teacher", default="bert-base",
+                   help="bert-base (BERT-base-shaped MLM, random init; default), bert-tiny, or a teacher folder")
+    s.add_argument("--tokens", type=int, default=16384, help="tokens per run (default 16384)")
+    s.add_argument("--max-length", type=int, default=128)
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--top-k", type=int, default=64)
+    s.add_argument("--hidden-layers", default="none")
+    s.add_argument("--attention-layers", default="none")
+    s.add_argument("--executor", choices=("ray", "local"), default="ray",
+                   help="ray: teacher actors (the real pass); local: the same pass in this process")
+    s.add_argument("--actors", type=int, default=1)
+    s.add_argument("--cpus-per-actor", type=float, default=2.0)
+    s.add_argument("--shard-tokens", type=int, default=0)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--repeats", type=int, default=3, help="runs of each (median reported)")
+    s.add_argument("--workdir", default=None)
+    s.set_defaults(func=cmd_bench_cache)
     bench.set_defaults(func=lambda a: (bench.print_help(), 2)[1])
     return p
 

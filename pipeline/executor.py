@@ -8,6 +8,7 @@ with its message and the shard's name.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any, Callable, Iterable, Iterator
@@ -26,6 +27,12 @@ class LocalExecutor:
         from .cache_pass import ShardProcessor
 
         self.processor = ShardProcessor(prep, out_url, storage_options)
+
+    def calibrate(self, seqs: list):
+        return self.processor.topk_ids(seqs)
+
+    def set_spec(self, spec) -> None:
+        self.processor.set_spec(spec)
 
     def run(self, shards: Iterable[tuple[int, list]], on_done: ProgressFn) -> None:
         for index, seqs in shards:
@@ -77,6 +84,12 @@ def _actor_class():
         def process(self, index: int, seqs: list) -> dict[str, Any]:
             return self.processor.process(index, seqs)
 
+        def topk_ids(self, seqs: list):
+            return self.processor.topk_ids(seqs)
+
+        def set_spec(self, spec) -> None:
+            self.processor.set_spec(spec)
+
         def stats(self) -> dict[str, Any]:
             return {"pid": os.getpid(), "forward_calls": self.processor.forward_calls,
                     "node": __import__("ray").get_runtime_context().get_node_id()}
@@ -106,8 +119,27 @@ class RayExecutor:
         self.threads = max(1, int(cfg.cpus_per_actor))
         self.actor_cls = _actor_class()
         self.actors = [self._new_actor() for _ in range(n)]
-        self.retired: list = []
         self.forward_calls = 0
+        # Wait until every teacher is loaded: a broken teacher folder fails here, once, with its message.
+        try:
+            ray.get([a.stats.remote() for a in self.actors])
+        except ray.exceptions.RayActorError as exc:
+            for a in self.actors:
+                ray.kill(a, no_restart=True)
+            if self.started_ray:
+                ray.shutdown()
+            raise RuntimeError(f"the teacher actors could not start: {exc}") from None
+
+    def calibrate(self, seqs: list):
+        import ray
+
+        return ray.get(self.actors[0].topk_ids.remote(seqs))
+
+    def set_spec(self, spec) -> None:
+        import ray
+
+        self.prep = dataclasses.replace(self.prep, spec=spec)  # actors started later get it too
+        ray.get([a.set_spec.remote(spec) for a in self.actors])
 
     def _new_actor(self):
         # Fault-injection switches (pipeline/faults.py) follow the driver into the actors.

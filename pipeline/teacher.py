@@ -30,6 +30,13 @@ class TeacherOptions:
     autocast: str = "auto"  # auto = bf16 on GPU, none on CPU; or bfloat16 | float16 | none
 
 
+def teacher_options_from(cfg) -> "TeacherOptions":
+    """The teacher-loading part of a cache config."""
+    return TeacherOptions(name_or_path=cfg.teacher, kind=cfg.teacher_kind, revision=cfg.revision,
+                          trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, device=cfg.device,
+                          autocast=cfg.autocast)
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

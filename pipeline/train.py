@@ -75,7 +75,7 @@ class TrainConfig:
     batch_size: int = 32  # rows per worker per step
     lr: float = 5e-4
     weight_decay: float = 0.01
-    adam_betas: list = field(default_factory=lambda: [0.9, 0.999])
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-8
     warmup_steps: int = 0
     warmup_ratio: float = 0.0  # used when warmup_steps is 0: share of `steps`
@@ -111,7 +111,8 @@ class TrainConfig:
     student_factory: str | None = None  # "module:function" -> nn.Module, called with the config dict
 
     # -- test hooks (inert by default) ---------------------------------------------------------
-    fail_at_step: int = 0  # raise on rank `fail_rank` just before this step, once per --out
+    # raise on rank `fail_rank` just before each of these steps, once per --out (Ray Train's restart path)
+    fail_at_step: list[int] = field(default_factory=list)
     fail_rank: int = 0
     log_samples: bool = False  # write <out>/samples/rank-R.jsonl: the sample ids of every step
 
@@ -859,8 +860,9 @@ def _keep_until(path: Path, step: int) -> None:
 
 
 def _maybe_fail(cfg: TrainConfig, step: int, rank: int) -> None:
-    """Test hook `fail_at_step`: fires once per run folder (a marker file remembers it fired)."""
-    if not cfg.fail_at_step or step != cfg.fail_at_step or rank != cfg.fail_rank:
+    """Test hook `fail_at_step` (e.g. `fail_at_step=5,8`): each fires once per run folder (a marker file
+    remembers it), so the attempt that resumes past it does not fail again."""
+    if rank != cfg.fail_rank or step not in {int(s) for s in cfg.fail_at_step or []}:
         return
     marker = Path(cfg.out) / f".fail-at-step-{step}-rank-{rank}"
     try:
@@ -985,20 +987,21 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             tokens = float(batch["attention_mask"].sum())
             # Every rank's losses, averaged: the logged loss is the global batch's.
             vals = torch.stack([total.float(), *[v.float() for v in parts.values()],
-                                torch.tensor(tokens, device=total.device)]).cpu()
-            if world > 1:
+                                torch.tensor(tokens, device=total.device)])
+            if world > 1:  # on the device: NCCL reduces only CUDA tensors
                 import torch.distributed as dist
 
                 dist.all_reduce(vals)
                 vals[:-1] /= world
+            vals = vals.cpu()
             step_s = time.perf_counter() - t0
             timings["step_s"].append(step_s)
             timings["data_s"].append(data_s)
             wall = step_s + data_s
             last_metrics = {"step": step, "epoch": epoch, "loss": float(vals[0]),
                             **{f"loss_{k}": float(v) for k, v in zip(parts, vals[1:-1])},
-                            "lr": _lr_at(c, step), "tokens": int(vals[-1]), "tokens_per_s": float(vals[-1]) / max(wall, 1e-9),
-                            "step_s": step_s, "data_s": data_s}
+                            "lr": _lr_at(c, step), "tokens": int(vals[-1]),
+                            "tokens_per_s": float(vals[-1]) / max(wall, 1e-9), "step_s": step_s, "data_s": data_s}
             if cfg.log_samples:
                 with samples_path.open("a") as f:
                     f.write(json.dumps({"step": step, "epoch": epoch, "sample_ids": sample_ids}) + "\n")

@@ -16,38 +16,56 @@ Parquet notes (pyarrow 26, measured, see shared/RAY_NOTES.md):
     path (``col.list.element.list.element``), with dictionary encoding off.
   * polars cannot read float16 written with BYTE_STREAM_SPLIT (its issue 21803).
 
-Top-k codecs (k = 64, SmolLM2-135M on Wikipedia extracts, 8,192 tokens, zstd 3;
+Top-k codecs (k = 64, SmolLM2-135M on Wikipedia extracts; measured on 28,672
+tokens, fitted on up to 28,672 others; zstd 3;
 ``python -m pipeline.bench.topk_codec_experiment``):
 
-  ================  =======  =============  ===========================================
-  codec             B/entry  KL nats/token  what it stores
-  ================  =======  =============  ===========================================
-  exact             4.44     0              ids + float32 log-probs, as given
-  f16-sorted        2.58     1.7e-7         id deltas + float16 log-probs
-  q8-linear         2.20     1.2e-5         id deltas + 8-bit log-probs, per-token range
-  pow-q8 (default)  1.87     8.4e-5         id deltas + 8-bit codes of q**0.4 (+2 scalars)
-  pow-q8 + fit()    1.71     8.4e-5         same, vocabulary ranked by id frequency
-  ================  =======  =============  ===========================================
+  ======================  =======  =============  =====================================
+  codec                   B/entry  KL nats/token  what it stores
+  ======================  =======  =============  =====================================
+  exact                   4.44     0              ids + float32 log-probs, as given
+  f16-sorted              2.58     1.7e-7         id deltas + float16 log-probs
+  q8-linear               2.19     1.2e-5         id deltas + 8-bit log-probs, per-token range
+  pow-q8 levels=240       1.87     8.3e-5         id deltas + 8-bit codes of q**0.4 (+2 scalars)
+  pow-q8 (default, 232)   1.865    8.9e-5         same, KL budget spent to 0.9e-4
+  + fit, unigram counts   1.80     8.9e-5         ids ranked by input-id counts of 1M tokens
+  + fit(clusters=0), 128  1.70     8.9e-5         ranked by top-k counts, 128 x 128 tokens
+  + fit(), 8 sequences    1.71     8.9e-5         ranked and clustered by co-occurrence
+  + fit(), 32 sequences   1.64     8.9e-5         (teacher top-k of N x 128 tokens)
+  + fit(), 128 sequences  1.60     8.9e-5         ... recommended calibration
+  same, levels=224        1.596    9.6e-5
+  fit(), 128, zstd 9      1.57     8.9e-5         zstd level: a writer setting
+  fit(), 128, zstd 19     1.54     8.9e-5
+  ======================  =======  =============  =====================================
 
-The issue's goal, <= 1.6 B/entry at <= 1e-4 nats, is not reached; what bounds it:
-  * Entries sorted by id, ids cost 9.5 bits (1.19 B) as deltas: zstd gets about
-    the order-0 entropy of the deltas. A calibrated vocabulary order (``fit``)
-    brings that to 8.2 bits. Escapes for large deltas (-0.04 B, but ragged
-    leaves), per-position leaves (-0.02 B), bitmasks for frequent ids, and
-    other splits of the deltas were measured and did not pay.
-  * The codes cost ~5.1 bits (0.64 B) at 8.4e-5 nats. That is the rate of
-    uniform scalar quantisation at that KL: id and value share < 0.1 bit, per-row
-    contexts (flatness classes) < 0.15 bit, better reconstruction points nothing.
+Where the bytes go (fit() on 128 sequences): ids 0.925 B (7.4 bits), codes 0.637
+(5.1 bits), code_min 0.009, log_mass 0.029 (redundant with the shard's
+``topk_log_tail``, but decode needs it to return absolute log-probs).
+  * Ids, sorted by rank and delta-coded, cost about the order-0 entropy of the
+    deltas. The tokenizer's order gives 9.5 bits; ranking by top-k counts 8.2;
+    also grouping co-occurring ids (``fit``) 7.4. Counts of the corpus' input
+    ids (no teacher) rank the vocabulary poorly: next-token candidates are not
+    the frequent input tokens (1.80 B even from 1M tokens). Measured and not
+    paying: ragged leaves per rank range (ranks < 256 as uint8 deltas, the rest
+    as uint16; 2-4 streams: <= -0.01 B, the list levels eat the gain), escapes
+    for large deltas, per-position leaves, bitmasks for frequent ids. Ids
+    shared with the previous token (11 of 64) are left alone: the writer
+    encodes whole batches and a reader must decode any row alone.
+  * The codes cost ~5.1 bits at 8.9e-5 nats. That is the rate of uniform
+    scalar quantisation at that KL: id and value share < 0.1 bit, per-row
+    contexts (flatness classes) < 0.15 bit, better reconstruction points nothing;
+    alpha 0.3 / 0.35 / 0.4 at 0.9e-4 nats (184 / 202 / 232 levels) measured
+    5.05 / 4.98 / 4.94 bits of order-0 entropy, and alpha >= 0.45 needs > 256.
   * Sorting by probability makes the codes cheap (2.7 bits as deltas) but the
     ids dear (13 bits, or 11.6 with a vocabulary order): worse in total, and so
     was every mix tried (value classes, head by value + tail by id).
-  * zstd level 19 instead of 3: 1.79 / 1.66 B.
 
 Why pow-q8 looks like it does:
   * KL(p || q) ~ 2 * sum_i (sqrt(p_i) - sqrt(q_i))^2: a quantiser uniform in
     p**alpha with alpha ~ 0.5 spreads the KL evenly over the entries (the step in
     log-prob grows like 1/sqrt(p)). alpha = 0.4 came out ~0.05 bit better than 0.5
-    after zstd and needs only 240 levels, i.e. uint8 codes, for 8.4e-5 nats.
+    after zstd and needs only 240 levels, i.e. uint8 codes, for 8.4e-5 nats
+    (232, the default, for 8.9e-5).
     (q8-linear spends 7.2 bits per code, for 1.2e-5 nats.)
   * Quantising q = p / (top-k mass) rather than p keeps the error the same for a
     flat teacher (quantising p gave 9e-3 nats on a near-uniform one) at the cost
@@ -288,14 +306,15 @@ class PowQ8Codec(TopKCodec):
     itself gave 9e-3 on a near-uniform random teacher. Ids are exact.
 
     ``vocab_order`` (optional, from ``fit``): ids ranked by how often they occur
-    in top-k sets of a calibration sample; ids not listed follow in ascending id
-    order, so ``order = vocab_order + sorted(set(range(V)) - set(vocab_order))``.
-    Frequent ids then sit close together and their deltas are small.
+    in top-k sets of a calibration sample, co-occurring ones grouped; ids not
+    listed follow in ascending id order, so
+    ``order = vocab_order + sorted(set(range(V)) - set(vocab_order))``.
+    Ids of a token's top-k then sit close together and their deltas are small.
     """
 
     name = "pow-q8"
 
-    def __init__(self, alpha: float = 0.4, levels: int = 240,
+    def __init__(self, alpha: float = 0.4, levels: int = 232,
                  vocab_order: list[int] | None = None):
         if not 0 < alpha <= 1:
             raise ValueError(f"alpha: must be in (0, 1], got {alpha}")
@@ -322,15 +341,39 @@ class PowQ8Codec(TopKCodec):
         return {"id_deltas": pa.from_numpy_dtype(narrowest_uint(vocab_size - 1)),
                 "codes": pa.uint8(), "code_min": pa.uint8(), "log_mass": pa.float16()}
 
-    def fit(self, ids: np.ndarray, max_order: int = 8192) -> "PowQ8Codec":
-        """Same codec with the ``max_order`` most frequent ids of ``ids`` ranked
-        first. 8,192 ids keep the manifest small and came within 0.01 B/entry of
-        ranking every id seen."""
+    def fit(self, ids: np.ndarray, max_order: int = 16384, clusters: int = 32,
+            cluster_ids: int = 16384, seed: int = 0) -> "PowQ8Codec":
+        """Same codec with a vocabulary order fitted on ``ids``, a calibration
+        sample of top-k sets (N, k), e.g. the teacher's top-k on 128 sequences.
+
+        The ``max_order`` most frequent ids of ``ids`` come first; the
+        ``cluster_ids`` most frequent of those are also grouped by
+        co-occurrence: ranks [0, 1024) of the frequency ranking, then the rest,
+        each part ordered by cluster (clusters by total count), inside a
+        cluster by count (ties by id). Ids that tend to share a top-k set
+        (digits, capitalised words, word pieces, ...) so sit together and their
+        deltas are small. Clusters: k-means (``clusters`` of them) on a 32-dim
+        spectral embedding of the normalised co-occurrence matrix (randomised
+        SVD, fixed ``seed``): deterministic for a given sample, a few seconds
+        for 128 x 128 tokens. ``clusters=0``, or k < 8 (input ids passed as
+        (N, 1) give unigram counts), ranks by count alone. Only ``vocab_order``
+        (at most ``max_order`` ids) reaches the manifest.
+        """
         ids = _check_2d("ids", ids, "int")
+        if ids.size and ids.min() < 0:
+            raise ValueError("ids: negative id")
         counts = np.bincount(ids.ravel(), minlength=1)
         seen = np.flatnonzero(counts)
         # Most frequent first; ties by id so that the order is reproducible.
         ranked = seen[np.lexsort((seen, -counts[seen]))][:max_order]
+        if clusters > 1 and ids.shape[1] >= 8 and min(cluster_ids, len(ranked)) >= 4 * clusters:
+            top = ranked[:cluster_ids]
+            label = _cooccurrence_clusters(ids, top, counts[top], clusters, seed)
+            band = np.arange(len(top)) >= 1024  # the 1,024 most frequent ids stay first
+            mass = np.bincount(label, weights=counts[top], minlength=clusters)
+            crank = np.argsort(np.argsort(-mass, kind="stable"), kind="stable")
+            o = np.lexsort((top, -counts[top], crank[label], band))
+            ranked = np.concatenate([top[o], ranked[len(top):]])
         return PowQ8Codec(self.alpha, self.levels, ranked.tolist())
 
     def _table(self, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -384,6 +427,52 @@ class PowQ8Codec(TopKCodec):
         # 1 - sum(exp(logprobs)) stays the teacher's tail mass.
         log_q -= np.logaddexp.reduce(log_q, axis=1, keepdims=True) if log_q.size else 0
         return order[rank], (log_q + log_mass[:, None]).astype(np.float32)
+
+
+def _cooccurrence_clusters(ids: np.ndarray, top: np.ndarray, counts: np.ndarray,
+                           clusters: int, seed: int, dims: int = 32) -> np.ndarray:
+    """Cluster label of each id in ``top`` from how often ids share a row of
+    ``ids``: k-means (cosine) on the leading right singular vectors of the
+    row-by-id incidence matrix with columns scaled by 1/sqrt(count), i.e. a
+    spectral embedding of D^-1/2 C D^-1/2 for the co-occurrence counts C."""
+    rng = np.random.default_rng(seed)
+    m = len(top)
+    pos = np.full(int(max(ids.max(), top.max())) + 1, m, dtype=np.int64)
+    pos[top] = np.arange(m)
+    col = pos[ids]                                   # (N, k); m marks ids outside top
+    scale = np.append(1 / np.sqrt(counts.astype(np.float64)), 0.0)
+    flat_col, flat_row = col.ravel(), np.repeat(np.arange(len(ids)), ids.shape[1])
+    keep = flat_col < m
+    flat_col, flat_row = flat_col[keep], flat_row[keep]
+
+    def xv(v):  # X @ v, v: (m, d)
+        vp = np.vstack([v, np.zeros((1, v.shape[1]))]) * scale[:, None]
+        return np.add.reduceat(vp[col].reshape(-1, v.shape[1]), np.arange(0, col.size, col.shape[1]))
+
+    def xtu(u):  # X.T @ u, u: (N, d)
+        return np.stack([np.bincount(flat_col, weights=u[flat_row, j], minlength=m)
+                         for j in range(u.shape[1])], axis=1) * scale[:m, None]
+
+    def orth(a):  # orthonormal basis of a's columns, from its small Gram matrix
+        w, v = np.linalg.eigh(a.T @ a)
+        return a @ (v / np.sqrt(np.maximum(w, w.max() * 1e-12)))
+
+    d = min(dims, m - 1)
+    q = orth(xv(rng.standard_normal((m, d + 8))))
+    for _ in range(3):  # subspace iteration
+        q = orth(xv(xtu(q)))
+    b = xtu(q)  # (m, d + 8): its leading left singular vectors embed the ids
+    w, v = np.linalg.eigh(b.T @ b)
+    w, v = w[::-1][:d], v[:, ::-1][:, :d]
+    y = b @ (v / np.sqrt(np.maximum(w, w[0] * 1e-12)))  # unit columns, as from an SVD
+    y /= np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+    centre = y[rng.choice(m, clusters, replace=False)]
+    for _ in range(30):
+        label = ((y * y).sum(1)[:, None] - 2 * y @ centre.T + (centre * centre).sum(1)).argmin(1)
+        for c in range(clusters):
+            if (label == c).any():
+                centre[c] = y[label == c].mean(0)
+    return label
 
 
 CODECS: dict[str, type[TopKCodec]] = {

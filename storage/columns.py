@@ -87,8 +87,8 @@ def to_record_batch(batch: Mapping[str, Any], spec: CacheSpec, schema: pa.Schema
     if spec.targets == "topk":
         topk_ids = _check(batch, "topk_ids", (B, T, spec.k))
         topk_lp = _check(batch, "topk_logprobs", (B, T, spec.k))
-        encoded = spec.codec.encode(topk_ids[mask].astype(np.int64),
-                                                         topk_lp[mask].astype(np.float32))
+        encoded = spec.codec.encode(topk_ids[mask].astype(np.int64), topk_lp[mask].astype(np.float32),
+                                    vocab_size=spec.vocab_size)
         for suffix, column in spec.topk_columns.items():
             cols[column] = _token_list(fields[column], encoded[suffix], lengths)
         tail = _check(batch, "topk_log_tail", (B, T))

@@ -21,6 +21,11 @@ INTENT = "intent.json"  # what a pass set out to write; lets a resumed pass prov
 SHARD_DIR = "shards"
 
 
+def _sha256(obj: Any) -> str:
+    canonical = json.dumps(obj, sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
 def shard_name(index: int) -> str:
     # Zero-padded so lexical order is shard order; 6 digits = a million shards.
     return f"shard-{index:06d}.parquet"
@@ -61,8 +66,16 @@ class Header:
 
     @property
     def fingerprint(self) -> str:
-        canonical = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
-        return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+        """Hash of everything, fitted codec parameters included (the manifest's integrity check)."""
+        return _sha256(self.to_json())
+
+    @property
+    def identity(self) -> str:
+        """Hash of what the user chose: the same corpus, teacher and options give the same identity,
+        whatever a calibration step fitted (a resumed pass adopts the fitted parameters it finds)."""
+        data = self.to_json()
+        data["spec"] = {k: v for k, v in data["spec"].items() if k != "codec_params"}
+        return _sha256(data)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Header":

@@ -9,6 +9,7 @@ A crash at any point leaves committed shards intact and nothing partial under a 
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from dataclasses import asdict, dataclass
@@ -26,9 +27,13 @@ from .manifest import INTENT, MANIFEST, SHARD_DIR, Header, Manifest, ShardInfo, 
 from .schema import CacheSpec, build_schema
 
 
+DAMAGED = Header.__new__(Header)  # sentinel: something is there but cannot be read
+
+
 @dataclass(frozen=True)
 class WriteOptions:
-    zstd_level: int = 3  # measured: higher levels barely shrink these columns and slow writes
+    zstd_level: int = 3  # dense columns: level 9 barely shrinks them and halves write speed
+    topk_zstd_level: int = 9  # top-k leaves are small and shrink ~2% more at 9 (docs/performance.md)
     byte_stream_split: bool = True  # on float leaves (and codec leaves that ask for it)
     page_checksums: bool = True  # Parquet page CRCs, checked by readers on the pages they touch
 
@@ -49,26 +54,30 @@ def _leaf_paths(schema: pa.Schema) -> dict[str, list[str]]:
     return out
 
 
+# Row-level scalars stay PLAIN (they are tiny and their statistics are useful); strings use dictionaries.
+_PLAIN_COLUMNS = {"sample_id", "length", "label", "source"}
+
+
 def parquet_writer_kwargs(spec: CacheSpec, schema: pa.Schema, options: WriteOptions) -> dict[str, Any]:
-    """The encodings of docs/format.md "Encodings": BYTE_STREAM_SPLIT where it measured smaller."""
-    bss_types = {pa.float16(), pa.float32(), pa.uint16()}
-    codec_bss = spec.codec.bss_leaves() if spec.targets == "topk" else set()
+    """The encodings of docs/format.md "Encodings".
+
+    BYTE_STREAM_SPLIT on every numeric leaf: Parquet has no 8/16-bit physical types, so uint8/uint16
+    leaves are stored as INT32, and without the split zstd has to skip three or two zero bytes between
+    every payload byte; for float16 it separates the exponent bytes from the noisier mantissa bytes.
+    """
     encodings: dict[str, str] = {}
     if options.byte_stream_split:
+        leaves = _leaf_paths(schema)
         for field in schema:
-            leaf_type = field.type
-            while pa.types.is_list(leaf_type) or pa.types.is_fixed_size_list(leaf_type):
-                leaf_type = leaf_type.value_type
-            is_float_like = leaf_type in bss_types and not field.name.startswith(("topk_", "input_ids", "mlm_", "sample_ids"))
-            is_codec_leaf = field.name.startswith("topk_") and field.name[len("topk_"):] in codec_bss
-            if is_float_like or is_codec_leaf or field.name == "topk_log_tail":
-                for leaf in _leaf_paths(schema)[field.name]:
+            if field.name not in _PLAIN_COLUMNS:
+                for leaf in leaves[field.name]:
                     encodings[leaf] = "BYTE_STREAM_SPLIT"
     # Dictionary encoding silently wins over any column_encoding, so it is off for every column
     # except the short strings of `source` where it helps.
     return dict(
         compression="zstd",
-        compression_level=options.zstd_level,
+        compression_level={f.name: (options.topk_zstd_level if f.name.startswith("topk_") else options.zstd_level)
+                           for f in schema},
         use_dictionary=["source"],
         column_encoding=encodings or None,
         write_statistics=["sample_id", "length"],
@@ -165,42 +174,54 @@ class CacheWriter:
         self._claim(overwrite)
 
     # -- directory state --------------------------------------------------------------------------
-    def _existing_fingerprint(self) -> tuple[str | None, str]:
-        """(fingerprint of what is there, what it is) without trusting a damaged manifest."""
+    def _existing_header(self) -> tuple[Header | None, str]:
+        """(header of what is there, what it is), without trusting a damaged manifest or intent."""
         if self.loc.exists(MANIFEST):
             try:
-                return read_manifest(self.loc).header.fingerprint, "a committed cache"
+                return read_manifest(self.loc).header, "a committed cache"
             except ManifestError as exc:
-                return "damaged", f"a cache with a damaged manifest ({exc})"
+                return DAMAGED, f"a cache with a damaged manifest ({exc})"
         if self.loc.exists(INTENT):
             try:
-                return Header.from_json(json.loads(self.loc.read_text(INTENT))).fingerprint, "an unfinished teacher pass"
+                return Header.from_json(json.loads(self.loc.read_text(INTENT))), "an unfinished teacher pass"
             except (ValueError, KeyError, TypeError):
-                return "damaged", "an unfinished pass with a damaged intent.json"
+                return DAMAGED, "an unfinished pass with a damaged intent.json"
         return None, "nothing"
 
     def _claim(self, overwrite: bool) -> None:
-        found, what = self._existing_fingerprint()
-        mine = self.header.fingerprint
+        found, what = self._existing_header()
         if found is None:
             foreign = [n for n in self.loc.listdir() if n not in (SHARD_DIR,) and not n.startswith(TMP_PREFIX)]
             if foreign:
                 raise CacheExistsError(f"{self.loc.display()} is not empty and holds no kdcache cache "
                                        f"({', '.join(foreign[:5])}...); choose an empty or new --out directory")
-        elif found != mine:
+        elif found is DAMAGED or found.identity != self.header.identity:
             if not overwrite:
+                theirs = "unreadable" if found is DAMAGED else found.identity
                 raise CacheExistsError(
                     f"{self.loc.display()} already holds {what} written with different options "
-                    f"(teacher/tokenizer/options fingerprint {found} != {mine}); pass --overwrite to replace it, "
-                    "or choose another --out directory")
+                    f"(teacher/tokenizer/options identity {theirs} != {self.header.identity}); pass --overwrite "
+                    "to replace it, or choose another --out directory")
             self.wipe()
-        elif self.loc.exists(MANIFEST):
-            self.complete = read_manifest(self.loc)
-            return
+        else:
+            self.header = found  # same choices: keep the codec parameters that were fitted then
+            if self.loc.exists(MANIFEST):
+                self.complete = read_manifest(self.loc)
+                return
         self.loc.makedirs()
         self.loc.makedirs(SHARD_DIR)
-        self.loc.write_text_atomic(INTENT, json.dumps(self.header.to_json(), indent=1, sort_keys=True) + "\n")
+        self._write_intent()
         self.clean_temps()
+
+    def _write_intent(self) -> None:
+        self.loc.write_text_atomic(INTENT, json.dumps(self.header.to_json(), indent=1, sort_keys=True) + "\n")
+
+    def set_codec_params(self, params: dict[str, Any]) -> None:
+        """Record fitted top-k codec parameters before the first shard is written."""
+        if self.committed():
+            raise ValueError("codec parameters cannot change once shards are committed")
+        self.header = dataclasses.replace(self.header, spec=dataclasses.replace(self.header.spec, codec_params=params))
+        self._write_intent()
 
     def wipe(self) -> None:
         """Remove a previous cache (manifest first, so a crash mid-wipe never looks committed)."""

@@ -1,15 +1,23 @@
 """Bytes per top-k entry and KL error of each TopKCodec, on real teacher outputs.
 
-    .venv/bin/python -m pipeline.bench.topk_codec_experiment [--sequences 64] [--calibration 64]
+    .venv/bin/python -m pipeline.bench.topk_codec_experiment [--sequences 224] [--calibration 224]
 
-(about 40 s on 2 CPU cores the first time, 2 s from the cached top-k.)
+(about 3 min on 2 CPU cores the first time, ~1 min from the cached top-k: the
+clustered fits take a few seconds each.)
 
 SmolLM2-135M-Instruct (vocab 49,152) reads the first Wikipedia extracts,
 concatenated (EOS between them) and cut into sequences of 128 tokens; its top-k
 ids and log-probs are cached in an .npz under /tmp so reruns skip the model.
-The sequences after the measured ones are a calibration sample: ``pow-q8+fit``
-is the default codec ranked by id frequency there (``PowQ8Codec.fit``), so it
-is measured on text it was not fitted to.
+The sequences after the measured ones are the calibration pool, so every fitted
+vocabulary order is measured on text it was not fitted to. Calibration sources
+compared (``PowQ8Codec.fit``):
+  * ``fit-topk-N``: the teacher's top-k ids on the first N calibration
+    sequences, ranked by count only (``clusters=0``) or also clustered by
+    co-occurrence (``+clu``, the default of ``fit``);
+  * ``fit-unigram-T``: no teacher, counts of the input ids of T tokens of
+    calibration text (re-tokenised with the SmolLM2 tokenizer; ``rest`` = the
+    whole corpus after the measured tokens);
+  * no fit: the tokenizer's id order.
 Each codec then writes one Parquet file the way a kdcache shard stores top-k
 targets: one row per sequence, one ``list<fixed_size_list<elem, k>>`` column per
 codec leaf (``list<elem>`` for per-token scalars), zstd level 3, dictionary off,
@@ -75,8 +83,30 @@ def teacher_topk(n_seq: int, k: int, cache: Path) -> tuple[np.ndarray, np.ndarra
     return ids, logprobs, tail_mass
 
 
+def corpus_tokens(cache: Path) -> np.ndarray:
+    """The token stream ``teacher_topk`` reads (every extract, EOS between them),
+    re-tokenised with the SmolLM2 tokenizer; cached in ``cache``."""
+    if cache.exists():
+        return np.load(cache)["stream"]
+    from transformers import AutoTokenizer
+
+    from pipeline.assets import ensure_assets, load_smollm2, wiki_extracts_json
+
+    ensure_assets(["smollm2", "wiki"])
+    plain = Path(tempfile.gettempdir()) / "kdcache-smollm2-plain"
+    if not (plain / "config.json").exists():
+        load_smollm2(plain)
+    tok = AutoTokenizer.from_pretrained(plain)
+    stream: list[int] = []
+    for entry in json.loads(wiki_extracts_json().read_text()).values():
+        stream += tok(entry["extract"])["input_ids"] + [tok.eos_token_id]
+    out = np.asarray(stream, dtype=np.int32)
+    np.savez(cache, stream=out)
+    return out
+
+
 def write_parquet(codec: TopKCodec, ids: np.ndarray, logprobs: np.ndarray, path: Path,
-                  vocab_size: int) -> None:
+                  vocab_size: int, zstd_level: int = 3) -> None:
     """One row per sequence, as a kdcache shard lays out its top-k columns."""
     n_seq, seq_len, k = ids.shape
     encoded = codec.encode(ids.reshape(-1, k), logprobs.reshape(-1, k), vocab_size=vocab_size)
@@ -93,7 +123,7 @@ def write_parquet(codec: TopKCodec, ids: np.ndarray, logprobs: np.ndarray, path:
         if suffix in codec.bss_leaves():
             bss[leaf] = "BYTE_STREAM_SPLIT"
     pq.write_table(
-        pa.table(columns), path, compression="zstd", compression_level=3,
+        pa.table(columns), path, compression="zstd", compression_level=zstd_level,
         use_dictionary=False, column_encoding=bss or None,
     )
 
@@ -123,13 +153,14 @@ def leaf_bytes(path: Path) -> dict[str, int]:
     return out
 
 
-def measure(codec: TopKCodec, ids: np.ndarray, logprobs: np.ndarray) -> tuple[float, float, bool, str]:
+def measure(codec: TopKCodec, ids: np.ndarray, logprobs: np.ndarray,
+            zstd_level: int = 3) -> tuple[float, float, bool, str]:
     """(bytes per entry, KL nats/token, ids exact, bytes per entry by leaf)."""
     k = ids.shape[-1]
     n_entries = ids.size
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "topk.parquet"
-        write_parquet(codec, ids, logprobs, path, vocab_size=VOCAB)
+        write_parquet(codec, ids, logprobs, path, vocab_size=VOCAB, zstd_level=zstd_level)
         size = os.path.getsize(path)
         leaves = " ".join(f"{n}={b / n_entries:.3f}" for n, b in leaf_bytes(path).items())
         ids2, logprobs2 = codec.decode(read_parquet(path, k), k)
@@ -142,10 +173,12 @@ def measure(codec: TopKCodec, ids: np.ndarray, logprobs: np.ndarray) -> tuple[fl
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sequences", type=int, default=64, help="measured sequences of 128 tokens")
-    ap.add_argument("--calibration", type=int, default=64, help="further sequences for fit()")
+    ap.add_argument("--sequences", type=int, default=224, help="measured sequences of 128 tokens")
+    ap.add_argument("--calibration", type=int, default=224, help="further sequences for fit()")
     ap.add_argument("--k", type=int, default=64)
+    ap.add_argument("--zstd-level", type=int, default=3)
     ap.add_argument("--cache", type=Path, default=None, help="npz of teacher top-k (default: /tmp)")
+    ap.add_argument("--quick", action="store_true", help="codecs and the recommended fit only")
     args = ap.parse_args(argv)
 
     n_all = args.sequences + args.calibration
@@ -153,18 +186,33 @@ def main(argv: list[str] | None = None) -> None:
         f"kdcache-smollm2-wiki-top{args.k}-{n_all}x{SEQ_LEN}.npz")
     all_ids, all_lp, tail = teacher_topk(n_all, args.k, cache)
     ids, logprobs = all_ids[: args.sequences], all_lp[: args.sequences]
-    calibration = all_ids[args.sequences:].reshape(-1, args.k)
+    pool = all_ids[args.sequences:]
     print(f"SmolLM2-135M top-{args.k}: {ids.shape[0] * ids.shape[1]} tokens measured, "
-          f"{len(calibration)} for calibration; mean tail mass {tail[: args.sequences].mean():.3f}  ({cache})")
+          f"{pool.shape[0] * pool.shape[1]} in the calibration pool; mean tail mass "
+          f"{np.atleast_1d(tail)[: args.sequences].mean():.3f}; zstd {args.zstd_level}  ({cache})")
 
+    default = get_topk_codec(DEFAULT_TOPK_CODEC)
     codecs = [(name, get_topk_codec(name)) for name in CODECS]
-    if len(calibration):
-        codecs.append((f"{DEFAULT_TOPK_CODEC}+fit", get_topk_codec(DEFAULT_TOPK_CODEC).fit(calibration)))
-    print(f"{'codec':<14}{'B/entry':>9}{'KL nats/token':>15}{'ids exact':>11}   B/entry by leaf")
+    codecs.append((f"{DEFAULT_TOPK_CODEC} levels=240", get_topk_codec(DEFAULT_TOPK_CODEC, {"levels": 240})))
+    sizes = [n for n in (8, 32, 128) if n <= len(pool)]
+    if args.quick:
+        sizes = sizes[-1:]
+    for n in sizes:
+        calib = pool[:n].reshape(-1, args.k)
+        if not args.quick:
+            codecs.append((f"fit-topk-{n}", default.fit(calib, clusters=0)))
+        codecs.append((f"fit-topk-{n}+clu", default.fit(calib)))
+    if not args.quick:
+        stream = corpus_tokens(Path(tempfile.gettempdir()) / "kdcache-smollm2-wiki-tokens.npz")
+        start = ids.shape[0] * ids.shape[1]  # the stream's first tokens are the measured ones
+        for n in [*sizes, None]:
+            text = stream[start:] if n is None else stream[start: start + n * SEQ_LEN]
+            codecs.append((f"fit-unigram-{'rest' if n is None else n * SEQ_LEN}", default.fit(text[:, None])))
+    print(f"{'codec':<22}{'B/entry':>9}{'KL nats/token':>15}{'ids exact':>11}   B/entry by leaf")
     for name, codec in codecs:
-        per_entry, kl, exact, leaves = measure(codec, ids, logprobs)
+        per_entry, kl, exact, leaves = measure(codec, ids, logprobs, args.zstd_level)
         mark = " (default)" if name == DEFAULT_TOPK_CODEC else ""
-        print(f"{name:<14}{per_entry:>9.3f}{kl:>15.2e}{str(exact):>11}   {leaves}{mark}")
+        print(f"{name:<22}{per_entry:>9.3f}{kl:>15.2e}{str(exact):>11}   {leaves}{mark}")
 
 
 if __name__ == "__main__":

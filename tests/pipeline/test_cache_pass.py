@@ -151,3 +151,24 @@ def test_rskd_estimator_is_unbiased():
     estimates /= draws
     # Standard error of the mean of 2000 estimates of 16 draws each: std(f)/sqrt(32000) ~ 0.006.
     assert torch.allclose(estimates, exact, atol=0.03), (estimates, exact)
+
+
+def test_codec_is_fitted_on_calibration_and_kept_on_resume(tmp_path):
+    teacher = make_teacher(tmp_path / "teacher", "causal-lm")
+    cfg = _config(tmp_path, teacher, top_k=8, topk_calibration_sequences=16)
+    said = []
+    run_cache_pass(cfg, executor="local", log=said.append)
+    params = CacheReader(cfg.out).spec.codec_params
+    assert params.get("vocab_order") and any("fitted" in s for s in said)
+    # Interrupt (drop a shard and the manifest), resume: the fitted parameters are adopted, not refitted.
+    (tmp_path / "cache" / "shards" / "shard-000000.json").unlink()
+    (tmp_path / "cache" / "manifest.json").unlink()
+    said.clear()
+    run_cache_pass(cfg, executor="local", log=said.append)
+    assert CacheReader(cfg.out).spec.codec_params == params and not any("fitted" in s for s in said)
+    assert verify_cache(cfg.out)[0] == []
+    # Without calibration the codec keeps its defaults, recorded explicitly.
+    plain = _config(tmp_path, teacher, top_k=8, topk_calibration_sequences=0, out=str(tmp_path / "plain"))
+    run_cache_pass(plain, executor="local", log=lambda *_: None)
+    assert CacheReader(plain.out).spec.codec_params.get("vocab_order") is None
+    assert "levels" in CacheReader(plain.out).spec.codec_params
