@@ -159,13 +159,13 @@ def test_codec_is_fitted_on_calibration_and_kept_on_resume(tmp_path):
     said = []
     run_cache_pass(cfg, executor="local", log=said.append)
     params = CacheReader(cfg.out).spec.codec_params
-    assert params.get("vocab_order") and any("fitted" in s for s in said)
+    assert params.get("vocab_order") and any("fitted the" in s for s in said)
     # Interrupt (drop a shard and the manifest), resume: the fitted parameters are adopted, not refitted.
     (tmp_path / "cache" / "shards" / "shard-000000.json").unlink()
     (tmp_path / "cache" / "manifest.json").unlink()
     said.clear()
     run_cache_pass(cfg, executor="local", log=said.append)
-    assert CacheReader(cfg.out).spec.codec_params == params and not any("fitted" in s for s in said)
+    assert CacheReader(cfg.out).spec.codec_params == params and not any("fitted the" in s for s in said)
     assert verify_cache(cfg.out)[0] == []
     # Without calibration the codec keeps its defaults, recorded explicitly.
     plain = _config(tmp_path, teacher, top_k=8, topk_calibration_sequences=0, out=str(tmp_path / "plain"))
