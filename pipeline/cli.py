@@ -99,6 +99,9 @@ CACHE_FLAGS = [  # (flag, type, help); the YAML keys are the same names with und
     ("--max-sequences", int, "stop after this many sequences (0 = all)"),
     ("--address", str, "Ray cluster address (default: RAY_ADDRESS, else a local cluster)"),
     ("--max-retries", int, "resubmissions of a shard whose actor died (default 3)"),
+    ("--executor", str, "ray (teacher actors, default) | local (in this process, no Ray)"),
+    ("--device", str, "auto (cuda if available) | cpu | cuda | cuda:N"),
+    ("--topk-calibration-sequences", int, "sequences whose teacher top-k fit the top-k codec (default 128)"),
 ]
 
 
@@ -197,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--teacher", default="auto",
                    help="auto (SmolLM2-135M if its asset is installed, else a tiny random model), smollm2, tiny")
     s.add_argument("--repeats", type=int, default=3, help="timing repetitions (median reported)")
+    s.add_argument("--calibration-sequences", type=int, default=128,
+                   help="sequences (not measured) whose teacher top-k fit the codec, as `kdcache cache` does")
     s.add_argument("--workdir", default=None, help="where to write temporary shards (default: a temp dir)")
     s.set_defaults(func=cmd_bench_storage)
     s = bsub.add_parser("cache", help="full teacher pass vs a bare forward loop: tokens/s of each and their ratio")

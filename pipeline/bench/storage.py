@@ -25,11 +25,15 @@ K = 64
 
 
 def _teacher_outputs(args) -> tuple[list[dict], dict[str, Any], str]:
-    """Padded batches with float32 hidden states/attention and exact top-64, plus layer info."""
+    """Padded batches with float32 hidden states/attention and exact top-64, plus layer info.
+
+    Like the teacher pass, the top-k codec is fitted on the teacher's top-k of the next
+    `--calibration-sequences` sequences, which are never measured.
+    """
     from pipeline.teacher import OutputSpec, TeacherOptions, TeacherRunner
 
     n_seq = max(1, args.tokens // args.seq_len)
-    calib = 8  # extra sequences, only for fitting codecs: never measured
+    calib = args.calibration_sequences
     model, batches, desc = bench_teacher(args.teacher, True, n_seq + calib, args.seq_len, 8)
     n_layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
     info = {"hidden_layers": (0, n_layers // 2, n_layers), "attention_layers": (1, n_layers // 2, n_layers),
@@ -37,12 +41,17 @@ def _teacher_outputs(args) -> tuple[list[dict], dict[str, Any], str]:
     # "bfloat16" here only means "hand me float32 on the host": each storage form is made from it below.
     out = OutputSpec(targets="topk", k=K, hidden_layers=info["hidden_layers"], hidden_dtype="bfloat16",
                      attention_layers=info["attention_layers"], attention_dtype="bfloat16")
-    runner = TeacherRunner(model, "causal-lm", out, TeacherOptions(name_or_path="bench", device="cpu"))
-    full = []
+    opts = TeacherOptions(name_or_path="bench", device="cpu")
+    runner = TeacherRunner(model, "causal-lm", out, opts)
+    targets_only = TeacherRunner(model, "causal-lm", OutputSpec(targets="topk", k=K), opts)
+    measured, calibration, seen = [], [], 0
     for batch in batches:
-        full.append({**batch, **runner(batch)})
-    calib_batch, measured = full[-1], full[:-1]
-    info["calibration_ids"] = calib_batch["topk_ids"].reshape(-1, K)
+        if seen < n_seq:
+            measured.append({**batch, **runner(batch)})
+        else:
+            calibration.append(targets_only(batch)["topk_ids"].reshape(-1, K))
+        seen += len(batch["lengths"])
+    info["calibration_ids"] = np.concatenate(calibration) if calibration else None
     return measured, info, desc
 
 
@@ -90,22 +99,22 @@ def _measure(root, name, spec, batches, options, columns, repeats):
 def bench_topk(root, batches, info, repeats) -> list[dict]:
     tokens = sum(int(b["lengths"].sum()) for b in batches)
     rows = []
-    variants = [("exact", {}, 3, True), ("f16-sorted", {}, 3, True), ("q8-linear", {}, 3, True),
-                (DEFAULT_TOPK_CODEC, {}, 3, False), (DEFAULT_TOPK_CODEC, {}, 1, True),
-                (DEFAULT_TOPK_CODEC, {}, 3, True), (DEFAULT_TOPK_CODEC, {}, 9, True)]
     default = get_topk_codec(DEFAULT_TOPK_CODEC)
-    if hasattr(default, "fit"):
-        fitted = default.fit(info["calibration_ids"])
-        if fitted.params() != default.params():
-            variants.append((DEFAULT_TOPK_CODEC, fitted.params(), 3, True))
+    plain = default.params()
+    fitted = default.fit(info["calibration_ids"]).params() if info["calibration_ids"] is not None else plain
+    # (codec, params, zstd level, byte-stream-split); the last row is what `kdcache cache` writes by default.
+    variants = [("exact", {}, 3, True), ("f16-sorted", {}, 3, True), ("q8-linear", {}, 3, True),
+                (DEFAULT_TOPK_CODEC, plain, 3, False), (DEFAULT_TOPK_CODEC, plain, 3, True),
+                (DEFAULT_TOPK_CODEC, fitted, 1, True), (DEFAULT_TOPK_CODEC, fitted, 3, True),
+                (DEFAULT_TOPK_CODEC, fitted, WriteOptions().topk_zstd_level, True)]
     exact_ids = np.concatenate([b["topk_ids"].reshape(-1, K) for b in batches])
     exact_lp = np.concatenate([b["topk_logprobs"].reshape(-1, K) for b in batches])
     for i, (codec, params, level, bss) in enumerate(variants):
         spec = CacheSpec(vocab_size=info["vocab_size"], max_length=batches[0]["input_ids"].shape[1], k=K,
                          topk_codec=codec, codec_params=params)
         cols = list(spec.topk_columns.values())
-        url, nbytes, speed = _measure(root, f"topk{i}", spec, batches, WriteOptions(zstd_level=level,
-                                      byte_stream_split=bss), cols, repeats)
+        url, nbytes, speed = _measure(root, f"topk{i}", spec, batches, WriteOptions(
+            zstd_level=level, topk_zstd_level=level, byte_stream_split=bss), cols, repeats)
         got_ids, got_lp = [], []
         for b in CacheReader(url).iter_numpy(["topk"], batch_size=1024):
             mask = b["attention_mask"].astype(bool)
@@ -113,7 +122,7 @@ def bench_topk(root, batches, info, repeats) -> list[dict]:
             got_lp.append(b["topk_logprobs"][mask])
         kl = topk_kl_error(exact_ids, exact_lp, np.concatenate(got_ids), np.concatenate(got_lp))
         tail_bytes = column_bytes(CacheReader(url, verify="off"))["topk_log_tail"]
-        rows.append({"kind": "topk", "codec": codec, "fitted": bool(params), "zstd_level": level,
+        rows.append({"kind": "topk", "codec": codec, "fitted": bool(params.get("vocab_order")), "zstd_level": level,
                      "byte_stream_split": bss, "bytes_per_entry": nbytes / (tokens * K),
                      "bytes_per_token": (nbytes + tail_bytes) / tokens, "kl_nats_per_token": kl, **speed})
     return rows
@@ -232,17 +241,17 @@ def run(args) -> int:
     finally:
         if not args.workdir:
             shutil.rmtree(root, ignore_errors=True)
-    default = next(r for r in topk if r["codec"] == DEFAULT_TOPK_CODEC and not r["fitted"] and r["zstd_level"] == 3
-                   and r["byte_stream_split"])
-    fitted = [r for r in topk if r["fitted"]]
+    default = topk[-1]  # fitted codec at the writer's default top-k zstd level: what `kdcache cache` writes
+    unfitted = next(r for r in topk if r["codec"] == DEFAULT_TOPK_CODEC and not r["fitted"] and r["byte_stream_split"])
     h16 = next(r for r in hidden if r["form"] == "float16" and r["byte_stream_split"])
     a16 = next(r for r in attention if r["form"] == "float16" and r["byte_stream_split"])
     a8 = next(r for r in attention if r["form"] == "uint8" and r["byte_stream_split"])
     result = {
         "teacher": desc, "tokens": tokens, "k": K, "topk_codec": DEFAULT_TOPK_CODEC,
         "topk_bytes_per_entry": default["bytes_per_entry"], "topk_kl_error": default["kl_nats_per_token"],
-        "topk_fitted_bytes_per_entry": fitted[0]["bytes_per_entry"] if fitted else None,
-        "topk_fitted_kl_error": fitted[0]["kl_nats_per_token"] if fitted else None,
+        "topk_fitted": default["fitted"], "topk_zstd_level": default["zstd_level"],
+        "topk_unfitted_bytes_per_entry": unfitted["bytes_per_entry"],
+        "topk_bytes_per_token": default["bytes_per_token"],
         "hidden_bytes_per_value": h16["bytes_per_value"],
         "hidden_bf16_bytes_per_value": next(r for r in hidden if r["form"] == "bfloat16" and r["byte_stream_split"])["bytes_per_value"],
         "hidden_int8_bytes_per_value": next(r for r in hidden if r["form"] == "int8" and r["byte_stream_split"])["bytes_per_value"],
