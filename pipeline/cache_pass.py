@@ -1,14 +1,20 @@
 """The teacher pass: Ray actors run the teacher once over a corpus and fill a cache.
 
-Driver (this process): streams the corpus, tokenises it, cuts it into deterministic shards, hands
-shards to idle actors, retries shards whose actor died (never those that raised), and commits the
-manifest last. Actors: load the teacher once, then for each shard run forward passes and write
-the shard (compression runs in a background thread, overlapping the next forward).
+Driver (this process): streams the corpus, tokenises it (in a worker process beside GPU teachers),
+cuts it into deterministic shards, hands shards to actors with a free slot, retries shards whose
+actor died (never those that raised), and commits the manifest last. Actors: load the teacher
+once, then work on `shards_in_flight` shards at once, each on its own thread: forward passes (one
+at a time, on the shared teacher) and a Parquet writer whose compression runs in a background
+thread, overlapping the next forwards. Several writers in flight is what lets compression keep up
+with a GPU: one writer is one core.
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -58,6 +64,8 @@ class CacheConfig:
     topk_codec: str = ""  # default: storage.codecs.DEFAULT_TOPK_CODEC
     topk_calibration_sequences: int = 128  # teacher top-k of the first N sequences fits the codec (0 = off)
     zstd_level: int = 3
+    encoder_threads: int = 0  # threads per shard turning teacher outputs into Arrow (0 = auto: 1 on CPU, 2 on GPU)
+    shards_in_flight: int = 0  # per teacher, one writer each (0 = auto: 1 on CPU; GPU: 4, more with dense columns)
     overwrite: bool = False
     max_retries: int = 3  # per shard, for system failures (actor/node death) only
     teacher_kind: str = "auto"
@@ -67,6 +75,7 @@ class CacheConfig:
     device: str = "auto"
     autocast: str = "auto"
     address: str | None = None  # Ray cluster; default: RAY_ADDRESS or a local cluster
+    executor: str = "ray"  # ray (teacher actors) | local (this process: debugging, machines without Ray)
     max_sequences: int = 0  # stop after this many sequences (0 = whole corpus)
     progress: bool = True
 
@@ -194,6 +203,69 @@ def iter_shard_inputs(prep: Prepared) -> Iterator[tuple[int, list]]:
     return plan_shards(seqs, prep.sequences_per_shard)
 
 
+class ShardPrefetcher:
+    """`iter_shard_inputs` in a worker process, up to `ahead` shards ahead of the pass.
+
+    Reading and tokenising the corpus is Python around the tokenizer's Rust calls (~0.25 s of GIL
+    per 1M tokens, measured): beside the teacher it takes the GIL from the forwards and the writers,
+    and in a Ray driver an actor's free slot waits while the next shard is tokenised. The worker
+    starts at once, so the first shards are ready when the teachers are. Shards arrive in order; an
+    error in the worker is raised here, by the iteration.
+    """
+
+    def __init__(self, prep: Prepared, ahead: int = 2):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")  # the driver may hold CUDA and threads: no fork
+        self._queue = ctx.Queue(maxsize=ahead)
+        self._proc = ctx.Process(target=_produce_shards, args=(prep, self._queue), name="kdcache-corpus", daemon=True)
+        self._proc.start()
+
+    def __iter__(self) -> Iterator[tuple[int, list]]:
+        import queue
+
+        try:
+            while True:
+                try:
+                    kind, payload = self._queue.get(timeout=1.0)
+                except queue.Empty:
+                    if self._proc.is_alive():
+                        continue
+                    try:  # it may have put its last item just before it exited
+                        kind, payload = self._queue.get(timeout=1.0)
+                    except queue.Empty:
+                        raise RuntimeError("the corpus reader process died "
+                                           f"(exit code {self._proc.exitcode})") from None
+                if kind == "done":
+                    return
+                if kind == "error":
+                    raise payload
+                yield payload
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._proc.is_alive():
+            self._proc.kill()
+        self._proc.join()
+        self._queue.close()
+
+
+def _produce_shards(prep: Prepared, out) -> None:
+    import pickle
+
+    try:
+        for item in iter_shard_inputs(prep):
+            out.put(("shard", item))
+        out.put(("done", None))
+    except BaseException as exc:  # noqa: BLE001 - handed to the driver, which raises it
+        try:
+            pickle.loads(pickle.dumps(exc))
+        except Exception:  # noqa: BLE001 - an exception that cannot travel travels as its message
+            exc = RuntimeError(f"{type(exc).__name__}: {exc}")
+        out.put(("error", exc))
+
+
 def shard_batches(prep: Prepared, tok_info, sequences: list) -> Iterator[dict[str, Any]]:
     """The padded teacher batches of one shard (static masking applied for masked-LM teachers)."""
     from .masking import iter_masked
@@ -210,8 +282,63 @@ def shard_batches(prep: Prepared, tok_info, sequences: list) -> Iterator[dict[st
         yield batch
 
 
+# Masked-LM batches are made in worker processes beside a GPU: masking is per-sequence numpy on
+# small arrays, which holds the GIL (~13 ms per 16k-token batch), and with several shards in flight
+# it starved the writers and the forward of the GIL. Workers get chunks of whole batches (masking is
+# a pure function of each sequence, so where it runs changes no byte) and stay `_AHEAD` chunks ahead.
+_CHUNK_BATCHES = 4
+_AHEAD = 2
+_worker_state: tuple | None = None
+
+
+def _batch_worker_init(prep: Prepared, tok_info) -> None:
+    global _worker_state
+    _worker_state = (prep, tok_info)
+    parent = os.getppid()
+
+    def exit_with_parent() -> None:  # a killed actor cannot shut its pool down: do not outlive it
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(0)
+
+    threading.Thread(target=exit_with_parent, daemon=True).start()
+
+
+def _batch_worker_run(sequences: list) -> list[dict[str, Any]]:
+    prep, tok_info = _worker_state
+    return list(shard_batches(prep, tok_info, sequences))
+
+
+def auto_batch_workers(prep: Prepared, on_gpu: bool) -> int:
+    """Processes making masked-LM batches: none on a CPU teacher (the forward needs the cores) or
+    without masking (collate alone costs about what shipping the sequences there would); beside a
+    GPU 2 to 4 (one makes ~1.4M tokens/s of masked batches)."""
+    if not on_gpu or not prep.spec.mlm:
+        return 0
+    return max(2, min(4, (os.cpu_count() or 8) // 4))
+
+
+def auto_shards_in_flight(prep: Prepared, on_gpu: bool, cpus: float | None = None) -> int:
+    """Shards one teacher works on at once: `--shards-in-flight`, or 1 on a CPU teacher (which needs
+    its cores for the forward). Beside a GPU, the forwards take turns on the device while each shard's
+    writer compresses on a core of its own. One writer keeps up with ~600k top-k tokens/s but only
+    ~30k tokens/s of three float16 hidden layers (pipeline/bench/host_pipeline.py), so 4 for top-k
+    alone, and half of the teacher's `cpus` (at most 16) when dense columns are cached."""
+    if prep.cfg.shards_in_flight > 0:
+        return prep.cfg.shards_in_flight
+    if not on_gpu:
+        return 1
+    if prep.spec.hidden_layers or prep.spec.attention_layers:
+        return int(max(4, min(16, (cpus or os.cpu_count() or 8) // 2)))
+    return 4
+
+
 class ShardProcessor:
-    """Turns one shard's sequences into a committed shard. Runs inside an actor (or in-process)."""
+    """Turns one shard's sequences into a committed shard. Runs inside an actor (or in-process).
+
+    `process` may run on several threads at once, one shard each: shards are independent files,
+    the teacher runner serialises the forwards, and everything else a call touches is its own.
+    """
 
     def __init__(self, prep: Prepared, out_url: str, storage_options: dict | None = None):
         import torch
@@ -228,15 +355,53 @@ class ShardProcessor:
         out = OutputSpec(targets=spec.targets, k=spec.k, num_samples=spec.num_samples,
                          hidden_layers=spec.hidden_layers, hidden_dtype=spec.hidden_dtype,
                          attention_layers=spec.attention_layers, attention_dtype=spec.attention_dtype,
-                         task_logits=spec.num_labels > 0, seed=prep.cfg.seed)
+                         task_logits=spec.num_labels > 0, seed=prep.cfg.seed, vocab_size=spec.vocab_size)
         self.runner = TeacherRunner(model, kind, out, teacher_options_from(prep.cfg))
         self.loc = Location.parse(out_url, storage_options)
         self.options = WriteOptions(zstd_level=prep.cfg.zstd_level)
         self.forward_calls = 0
+        self._lock = threading.Lock()  # counters, and starting the batch workers once
+        self.batch_workers = auto_batch_workers(prep, self.runner.device.type != "cpu")
+        self._batch_pool = None
+        if self.batch_workers:
+            self.start_batch_workers()
         self.torch = torch
 
     def batches(self, sequences: list) -> Iterator[dict[str, Any]]:
-        return shard_batches(self.prep, self.tok_info, sequences)
+        if not self.batch_workers:
+            return shard_batches(self.prep, self.tok_info, sequences)
+        return self._pooled_batches(sequences)
+
+    def start_batch_workers(self):
+        """The batch workers' pool, started and warm: they take a second or two to import, which
+        belongs to start-up, not to the first shard."""
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with self._lock:
+            if self._batch_pool is None:
+                # spawn: forking a process that holds CUDA and a dozen threads is not safe.
+                self._batch_pool = ProcessPoolExecutor(self.batch_workers, multiprocessing.get_context("spawn"),
+                                                       initializer=_batch_worker_init,
+                                                       initargs=(self.prep, self.tok_info))
+                list(self._batch_pool.map(_batch_worker_run, [[]] * self.batch_workers))
+        return self._batch_pool
+
+    def _pooled_batches(self, sequences: list) -> Iterator[dict[str, Any]]:
+        pool = self.start_batch_workers()
+        step = self.prep.cfg.batch_size * _CHUNK_BATCHES
+        pending: collections.deque = collections.deque()
+        for start in range(0, len(sequences), step):
+            pending.append(pool.submit(_batch_worker_run, sequences[start:start + step]))
+            if len(pending) > _AHEAD:
+                yield from pending.popleft().result()
+        while pending:
+            yield from pending.popleft().result()
+
+    def close(self) -> None:
+        if self._batch_pool is not None:
+            self._batch_pool.shutdown(cancel_futures=True)
+            self._batch_pool = None
 
     def set_spec(self, spec: CacheSpec) -> None:
         """Adopt fitted codec parameters (only the codec may differ from the spec it started with)."""
@@ -253,26 +418,50 @@ class ShardProcessor:
     def process(self, index: int, sequences: list) -> dict[str, Any]:
         from storage.writer import ShardWriter
 
-        writer = ShardWriter(self.loc, index, self.prep.spec, self.options)
-        # One background thread: Parquet encoding + zstd of batch i overlap the forward of batch i+1.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"write-{index}") as pool:
-            pending = None
+        spec = self.prep.spec
+        codec = spec.codec if spec.targets == "topk" else None  # beside a GPU the runner encodes top-k there
+        writer = ShardWriter(self.loc, index, spec, self.options)
+        # Encoding (Arrow conversion, and the codecs on a CPU teacher) runs on `encoders` threads and
+        # the Parquet write + zstd on one more, in row order, so both hide behind the next forward
+        # passes. numpy, Arrow and zstd release the GIL for arrays this size, so the threads really
+        # run in parallel.
+        encoders = self.encoder_threads
+        with ThreadPoolExecutor(encoders, thread_name_prefix=f"encode-{index}") as encode_pool, \
+                ThreadPoolExecutor(1, thread_name_prefix=f"write-{index}") as write_pool:
+            pending: collections.deque = collections.deque()
             try:
                 for n, batch in enumerate(self.batches(sequences)):
-                    outputs = self.runner(batch)
-                    self.forward_calls += 1
+                    outputs = self.runner(batch, codec=codec)
+                    with self._lock:
+                        self.forward_calls += 1
                     if n == 1 or len(sequences) <= self.prep.cfg.batch_size:
                         maybe_fail("die", index)  # mid-shard: one batch already handed to the writer
                         maybe_fail("raise", index)
-                    if pending is not None:
-                        pending.result()
-                    pending = pool.submit(writer.write, {**batch, **outputs})
-                if pending is not None:
-                    pending.result()
+                    encoded = encode_pool.submit(writer.encode, {**batch, **outputs})
+                    pending.append(write_pool.submit(lambda f=encoded: writer.write_encoded(f.result())))
+                    while len(pending) > encoders:  # bounded host memory: at most this many batches in flight
+                        pending.popleft().result()
+                while pending:
+                    pending.popleft().result()
             except BaseException:
+                for f in pending:  # drop queued writes, let a running one finish before the file is dropped
+                    f.cancel()
+                concurrent.futures.wait(pending)
                 writer.abort()
                 raise
         return dataclasses.asdict(writer.close())
+
+    @property
+    def encoder_threads(self) -> int:
+        """Auto: 1 on a CPU teacher (the forward needs the cores); 2 beside a GPU, where the device
+        already encoded the outputs and the host only wraps them as Arrow."""
+        if self.prep.cfg.encoder_threads > 0:
+            return self.prep.cfg.encoder_threads
+        return 1 if self.runner.device.type == "cpu" else 2
+
+    @property
+    def shards_in_flight(self) -> int:
+        return auto_shards_in_flight(self.prep, self.runner.device.type != "cpu")
 
 
 COUNT_LIMIT_BYTES = 256 << 20  # below this, count the corpus first so the progress bar has a total
@@ -315,11 +504,17 @@ def _calibration_sequences(prep: Prepared) -> list:
     return seqs[: prep.cfg.topk_calibration_sequences]
 
 
+def _teacher_device(cfg: CacheConfig) -> str:
+    from .teacher import resolve_device
+
+    return resolve_device(cfg.device).type
+
+
 def count_shards(prep: Prepared) -> int:
     return sum(1 for _ in iter_shard_inputs(prep))
 
 
-def run_cache_pass(cfg: CacheConfig, *, executor: str = "ray", storage_options: dict | None = None,
+def run_cache_pass(cfg: CacheConfig, *, executor: str | None = None, storage_options: dict | None = None,
                    log=print) -> dict[str, Any]:
     """Fill `cfg.out` with the teacher's outputs; idempotent and resumable. Returns a summary dict."""
     from tqdm.auto import tqdm
@@ -346,7 +541,7 @@ def run_cache_pass(cfg: CacheConfig, *, executor: str = "ray", storage_options: 
     counts = {"index": -1, "written": 0, "skipped": 0, "tokens": 0}
 
     def todo() -> Iterator[tuple[int, list]]:
-        for index, seqs in iter_shard_inputs(prep):
+        for index, seqs in source:
             counts["index"] = max(counts["index"], index)
             if index in committed:
                 counts["skipped"] += 1
@@ -363,9 +558,18 @@ def run_cache_pass(cfg: CacheConfig, *, executor: str = "ray", storage_options: 
         bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
         bar.update(1)
 
+    executor = executor or cfg.executor
+    if executor not in ("ray", "local"):
+        raise ValueError(f"executor must be ray or local, got {executor!r}")
+    # A CPU teacher in this process is far slower than tokenising: there the worker process is not worth starting.
+    source = ShardPrefetcher(prep) if executor == "ray" or _teacher_device(cfg) != "cpu" else iter_shard_inputs(prep)
     run_on = {"ray": "pipeline.executor:RayExecutor", "local": "pipeline.executor:LocalExecutor"}[executor]
     module, cls = run_on.split(":")
-    ex = getattr(__import__(module, fromlist=[cls]), cls)(prep, cfg.out, storage_options)
+    try:
+        ex = getattr(__import__(module, fromlist=[cls]), cls)(prep, cfg.out, storage_options)
+    except BaseException:
+        source.close()
+        raise
     try:
         if _needs_calibration(prep):
             ids = ex.calibrate(_calibration_sequences(prep))
@@ -377,6 +581,7 @@ def run_cache_pass(cfg: CacheConfig, *, executor: str = "ray", storage_options: 
         t0 = time.perf_counter()  # teachers are loaded and calibrated: from here on it is the steady-state rate
         ex.run(todo(), on_done)
     finally:
+        source.close()
         ex.close()
         bar.close()
     n_shards = counts["index"] + 1

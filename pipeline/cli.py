@@ -102,6 +102,8 @@ CACHE_FLAGS = [  # (flag, type, help); the YAML keys are the same names with und
     ("--executor", str, "ray (teacher actors, default) | local (in this process, no Ray)"),
     ("--device", str, "auto (cuda if available) | cpu | cuda | cuda:N"),
     ("--topk-calibration-sequences", int, "sequences whose teacher top-k fit the top-k codec (default 128)"),
+    ("--shards-in-flight", int, "shards per teacher at once, one Parquet writer each (default: 1 on CPU; GPU: 4, more "
+                                "with hidden states or attention)"),
 ]
 
 
@@ -162,6 +164,15 @@ def cmd_bench_cache(args) -> int:
     return run(args)
 
 
+def cmd_demo(args) -> int:
+    from pipeline.demo import run_demo
+
+    report = run_demo(args.quick, args.out)
+    if args.json:
+        print_json(report)
+    return 0
+
+
 # -- parser ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kdcache", description="Run the teacher once; distil many students from its cache.")
@@ -182,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the run summary as one JSON object (last line)")
     s.set_defaults(func=cmd_cache)
 
+    from pipeline.train_cli import register, register_bench
+
+    register(sub)  # init-student, train
+
     s = sub.add_parser("inspect", help="show a cache's teacher, options, sizes and bytes per token per column")
     s.add_argument("cache", help="cache directory or URL")
     s.add_argument("--json", action="store_true", help="print one JSON object (last line)")
@@ -190,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("verify", help="check every checksum, count, schema and sample id (exit 1 on any problem)")
     s.add_argument("cache", help="cache directory or URL")
     s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("demo", help="the main job end to end: real teacher, real text, offline")
+    s.add_argument("--quick", action="store_true", help="the small profile (what the tests run)")
+    s.add_argument("--out", default=None, help="output folder (default runs/demo or runs/demo-quick)")
+    s.add_argument("--json", action="store_true", help="print the summary as one JSON object (last line)")
+    s.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", help="benchmarks that print measured figures")
     bsub = bench.add_subparsers(dest="bench", metavar="BENCH")
@@ -219,10 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--actors", type=int, default=1)
     s.add_argument("--cpus-per-actor", type=float, default=2.0)
     s.add_argument("--shard-tokens", type=int, default=0)
+    s.add_argument("--shards-in-flight", type=int, default=0, help="per teacher (default: auto, see kdcache cache)")
     s.add_argument("--device", default="auto")
     s.add_argument("--repeats", type=int, default=3, help="runs of each (median reported)")
     s.add_argument("--workdir", default=None)
     s.set_defaults(func=cmd_bench_cache)
+    register_bench(bsub)
     bench.set_defaults(func=lambda a: (bench.print_help(), 2)[1])
     return p
 

@@ -38,11 +38,18 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return annotation(value)
         except (TypeError, ValueError):
             raise ValueError(f"{key}: expected {annotation.__name__}, got {value!r}") from None
-    if origin in (tuple, list):
+    if origin in (tuple, list) or annotation in (tuple, list):
         if isinstance(value, str):
             value = [v for v in value.replace(" ", "").split(",") if v]
         return value if isinstance(value, (list, tuple)) else [value]
     return value
+
+
+def _is_str(annotation: Any) -> bool:
+    if annotation is str:
+        return True
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType) and \
+        [a for a in typing.get_args(annotation) if a is not type(None)] == [str]
 
 
 def _type_hints(cls) -> dict[str, Any]:
@@ -73,7 +80,10 @@ def build_config(cls: type[T], yaml_path: str | Path | None = None, flags: dict[
         if "=" not in item:
             raise ValueError(f"override {item!r} is not key=value")
         key, value = item.split("=", 1)
-        merge({key: yaml.safe_load(value) if value not in ("",) else ""}, "overrides")
+        norm = key.replace("-", "_")
+        # String settings stay verbatim: YAML 1.1 would read "6:12" as the base-60 number 372.
+        raw = norm in hints and _is_str(hints[norm])
+        merge({key: value if raw or value == "" else yaml.safe_load(value)}, "overrides")
     missing = [n for n, f in fields.items() if n not in values and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:

@@ -1,7 +1,9 @@
 """Where teacher work runs. Executors only decide placement and retries; `ShardProcessor` does the work.
 
 `LocalExecutor` runs shards in this process (benchmarks, debugging). `RayExecutor` keeps one teacher
-actor per GPU (or N CPU actors) and pulls shards to idle actors until none are left. A shard whose
+actor per GPU (or N CPU actors) and pulls shards to actors with a free slot until none are left.
+Both keep `shards_in_flight` shards per teacher at once (threads sharing the one loaded teacher),
+so that several Parquet writers compress in parallel. A shard whose
 actor died of a system error (actor crash, node loss, OOM kill) is resubmitted to a fresh actor up
 to `max_retries` times; an exception raised by the shard's own code is never retried: it surfaces
 with its message and the shard's name.
@@ -35,15 +37,42 @@ class LocalExecutor:
         self.processor.set_spec(spec)
 
     def run(self, shards: Iterable[tuple[int, list]], on_done: ProgressFn) -> None:
-        for index, seqs in shards:
-            on_done(ShardInfo(**self.processor.process(index, seqs)))
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+        slots = self.processor.shards_in_flight
+        if slots <= 1:
+            for index, seqs in shards:
+                on_done(ShardInfo(**self.processor.process(index, seqs)))
+            return
+        # The shard iterator (corpus reading, tokenising) and `on_done` stay on this thread; a shard
+        # is pulled only when a slot is free, so at most `slots` shards' sequences are held at once.
+        with ThreadPoolExecutor(slots, thread_name_prefix="shard") as pool:
+            running: set = set()
+
+            def finish(done) -> None:
+                running.difference_update(done)
+                for f in done:
+                    on_done(ShardInfo(**f.result()))
+
+            try:
+                for index, seqs in shards:
+                    if len(running) >= slots:
+                        finish(wait(running, return_when=FIRST_COMPLETED)[0])
+                    running.add(pool.submit(self.processor.process, index, seqs))
+                while running:
+                    finish(wait(running, return_when=FIRST_COMPLETED)[0])
+            except BaseException:
+                # The shards still running finish (and commit) before the error surfaces: a running
+                # shard cannot be interrupted, and a committed one is work a rerun keeps.
+                wait(running)
+                raise
 
     @property
     def forward_calls(self) -> int:
         return self.processor.forward_calls
 
     def close(self) -> None:
-        pass
+        self.processor.close()
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> bool:
@@ -71,7 +100,8 @@ def _actor_class():
 
     @ray.remote(max_restarts=0, max_task_retries=0)
     class TeacherActor:
-        """Loads the teacher once; processes whole shards on request."""
+        """Loads the teacher once; processes whole shards on request, several at once when started
+        with `max_concurrency` > 1 (a threaded actor: `ShardProcessor.process` is thread-safe)."""
 
         def __init__(self, prep, out_url: str, storage_options: dict | None, threads: int):
             import torch
@@ -117,6 +147,10 @@ class RayExecutor:
             raise ValueError(f"{n} CPU actors x {cfg.cpus_per_actor} CPUs exceed the cluster's {cpus:g} CPUs; lower "
                              "--actors or --cpus-per-actor")
         self.threads = max(1, int(cfg.cpus_per_actor))
+        from .cache_pass import auto_shards_in_flight
+
+        # Shards per actor at once; beside a GPU, sized by the CPUs there are per GPU.
+        self.slots = auto_shards_in_flight(prep, use_gpu, cpus / gpus * cfg.gpus_per_actor if use_gpu else None)
         self.actor_cls = _actor_class()
         self.actors = [self._new_actor() for _ in range(n)]
         self.forward_calls = 0
@@ -144,7 +178,9 @@ class RayExecutor:
     def _new_actor(self):
         # Fault-injection switches (pipeline/faults.py) follow the driver into the actors.
         env = {k: v for k, v in os.environ.items() if k.startswith("KDCACHE_FAULTS")}
-        options = dict(self.resources, runtime_env={"env_vars": env}) if env else self.resources
+        options = dict(self.resources, max_concurrency=self.slots)
+        if env:
+            options["runtime_env"] = {"env_vars": env}
         return self.actor_cls.options(**options).remote(self.prep, self.out_url, self.storage_options, self.threads)
 
     def run(self, shards: Iterable[tuple[int, list]], on_done: ProgressFn) -> None:
@@ -155,20 +191,24 @@ class RayExecutor:
             getattr(ray.exceptions, n) for n in ("WorkerCrashedError", "NodeDiedError", "ObjectLostError",
                                                  "OutOfMemoryError", "ActorUnavailableError")
             if hasattr(ray.exceptions, n))
-        idle = list(self.actors)
+        load = {actor: 0 for actor in self.actors}  # shards running on each live actor
         running: dict[Any, tuple[Any, int, Any, int]] = {}  # ref -> (actor, index, seqs ref, attempt)
         source = iter(shards)
         exhausted = False
         while True:
-            while idle and not exhausted:
+            while not exhausted:
+                free = [a for a in self.actors if load[a] < self.slots]
+                if not free:
+                    break
                 try:
                     index, seqs = next(source)
                 except StopIteration:
                     exhausted = True
                     break
-                actor = idle.pop()
+                actor = min(free, key=load.__getitem__)  # the least busy: shards spread over all actors
                 seqs_ref = ray.put(seqs)
                 running[actor.process.remote(index, seqs_ref)] = (actor, index, seqs_ref, 0)
+                load[actor] += 1
             if not running:
                 break
             done, _ = ray.wait(list(running), num_returns=1)
@@ -178,19 +218,19 @@ class RayExecutor:
                 info = ray.get(ref)
             except RayTaskError as exc:
                 if isinstance(exc, system_errors) or isinstance(getattr(exc, "cause", None), system_errors):
-                    self._replace(actor, idle, running, index, seqs_ref, attempt, exc)
+                    self._replace(actor, load, running, index, seqs_ref, attempt, exc)
                     continue
                 self._abort(running)
                 cause = getattr(exc, "cause", None) or exc
                 raise ShardFailed(f"shard {index} failed: {type(cause).__name__}: {cause} (not retried: the error "
                                   f"comes from the shard's own code or data)\n--- actor traceback ---\n{exc}") from None
             except system_errors as exc:
-                self._replace(actor, idle, running, index, seqs_ref, attempt, exc)
+                self._replace(actor, load, running, index, seqs_ref, attempt, exc)
                 continue
-            idle.append(actor)
+            load[actor] -= 1
             on_done(ShardInfo(**info))
 
-    def _replace(self, dead, idle, running, index, seqs_ref, attempt, exc) -> None:
+    def _replace(self, dead, load, running, index, seqs_ref, attempt, exc) -> None:
         import ray
 
         if attempt + 1 > self.prep.cfg.max_retries:
@@ -199,11 +239,16 @@ class RayExecutor:
                               f"{str(exc).splitlines()[0] if str(exc) else ''}); giving up after --max-retries "
                               f"{self.prep.cfg.max_retries}. Shards already committed are kept: re-run the same "
                               "command to retry the rest") from None
-        self.actors.remove(dead)
-        ray.kill(dead, no_restart=True)
-        fresh = self._new_actor()
-        self.actors.append(fresh)
-        running[fresh.process.remote(index, seqs_ref)] = (fresh, index, seqs_ref, attempt + 1)
+        if dead in load:  # the first of the dead actor's shards to report: replace the actor, once
+            del load[dead]
+            self.actors.remove(dead)
+            ray.kill(dead, no_restart=True)
+            fresh = self._new_actor()
+            self.actors.append(fresh)
+            load[fresh] = 0
+        target = min(self.actors, key=load.__getitem__)
+        running[target.process.remote(index, seqs_ref)] = (target, index, seqs_ref, attempt + 1)
+        load[target] += 1
 
     def _abort(self, running) -> None:
         import ray

@@ -1,14 +1,16 @@
 """Loading a teacher safely and turning one padded batch into the cache's columns.
 
 Everything heavy happens on the teacher's device inside `torch.inference_mode()`: log-softmax over
-the vocabulary, top-k (or RS-KD sampling), layer selection and the cast to the storage dtype. Only
-the selected, already-narrowed tensors are copied to host memory.
+the vocabulary, top-k (or RS-KD sampling), layer selection and, beside a GPU, the storage codecs
+themselves (top-k codec, dense forms): only the narrow encoded leaves (uint16/uint8/float16) are
+copied to host memory, on a side stream into pinned buffers, overlapping the next forward.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,14 +157,13 @@ class OutputSpec:
     attention_dtype: str = "float16"
     task_logits: bool = False
     seed: int = 0
+    vocab_size: int = 0  # the cache's: fixes the width of encoded top-k id leaves
 
 
-def _host_dense(x: torch.Tensor, form: str) -> np.ndarray:
-    # Narrow on the device before the copy: float16 halves the bytes over PCIe; bf16/int8 forms are
-    # rounded by the storage codec from float32, which keeps their rounding in one place.
-    if form == "float16":
-        return x.to(torch.float16).cpu().numpy()
-    return x.float().cpu().numpy()
+def _raw_dense(x: torch.Tensor, form: str) -> torch.Tensor:
+    # Not encoded on the device (a CPU teacher): float16 is already the stored form; the other forms
+    # are rounded by the storage codec on the host, from float32.
+    return x.to(torch.float16) if form == "float16" else x.float()
 
 
 def sample_rskd(logp: torch.Tensor, num_samples: int, generator: torch.Generator | None):
@@ -192,7 +193,17 @@ def sample_rskd(logp: torch.Tensor, num_samples: int, generator: torch.Generator
 
 
 class TeacherRunner:
-    """Runs one padded batch through the teacher and returns the writer's input columns."""
+    """Runs one padded batch through the teacher and returns the writer's input columns.
+
+    Safe to call from several threads (the cache pass keeps several shards in flight): the forward
+    and the device work of one batch run under a lock, so the device sees one batch at a time and
+    the RS-KD generator is never shared; the wait for the host copy runs outside it, so another
+    thread's forward is already queued while this batch's leaves travel.
+    """
+
+    # On a CPU teacher the numpy codecs, in encoder threads beside the forward, are faster than the
+    # torch twins on the forward's own thread; tests set this to run the device path on a CPU.
+    encode_on_cpu = False
 
     def __init__(self, model, kind: str, out: OutputSpec, opts: TeacherOptions):
         self.model, self.kind, self.out = model, kind, out
@@ -212,9 +223,27 @@ class TeacherRunner:
         self.generator = None
         if out.targets == "sampled":
             self.generator = torch.Generator(device=self.device)
+        self.encode_on_device = self.device.type != "cpu" or self.encode_on_cpu
+        self._lock = threading.Lock()
+        # Device-to-host copies on their own stream: they overlap the next batch's forward instead
+        # of queueing behind it (and it behind them) on the compute stream.
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    def __call__(self, batch: dict[str, np.ndarray], codec=None) -> dict[str, Any]:
+        """The batch's output columns as numpy arrays.
+
+        Without `codec`: raw top-k ids and float32 log-probs (calibration, tools). With the cache's
+        top-k `codec` and `encode_on_device`: the codec's leaves under "topk_encoded" and dense
+        columns already in their storage dtype (int8 with "<name>_scale"), which `to_record_batch`
+        takes as they are; on a CPU teacher the raw columns, encoded by the writer.
+        """
+        with self._lock:
+            outputs = self._device_outputs(batch, codec if self.encode_on_device else None)
+            finish = self._start_copy(outputs)
+        return finish()
 
     @torch.inference_mode()
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    def _device_outputs(self, batch: dict[str, np.ndarray], codec) -> dict[str, Any]:
         ids = torch.from_numpy(np.asarray(batch["input_ids"], dtype=np.int64)).to(self.device, non_blocking=True)
         mask = torch.from_numpy(np.asarray(batch["attention_mask"], dtype=np.int64)).to(self.device, non_blocking=True)
         want_hidden, want_attn = bool(self.out.hidden_layers), bool(self.out.attention_layers)
@@ -223,25 +252,89 @@ class TeacherRunner:
                                 output_attentions=want_attn)
         out: dict[str, Any] = {}
         if self.out.targets != "none":
-            # float32 before the softmax: bf16 logits would put ~1e-2 error into every log-prob.
-            logp = torch.log_softmax(result.logits.float(), dim=-1)
+            logits = result.logits
+            # The normaliser in float32 (bf16 would put ~1e-2 error into every log-prob), by the fused
+            # kernel that reads bf16 logits and writes float32 log-probs in one pass: the composite
+            # logsumexp(logits.float()) moves ~5x the bytes over the [B, T, V] logits (a float32
+            # copy, x - max, exp, sum). The top-k runs on the raw logits (same order, half the bytes
+            # of the log-probs) and gathers its log-probs.
+            logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
             if self.out.targets == "topk":
-                top_lp, top_ids = torch.topk(logp, self.out.k, dim=-1)
-                covered = torch.logsumexp(top_lp, dim=-1)  # log of the top-k mass
-                log_tail = torch.log(-torch.expm1(covered).clamp(max=0)).clamp(min=-1e4)  # log(1 - mass)
-                out["topk_ids"] = top_ids.cpu().numpy()
-                out["topk_logprobs"] = top_lp.cpu().numpy()
-                out["topk_log_tail"] = log_tail.cpu().numpy()
+                top_ids = torch.topk(logits, self.out.k, dim=-1).indices
+                out.update(self.topk_columns(top_ids, logp.gather(-1, top_ids), codec))
             else:
                 if self.generator is not None:
                     # Seeded per batch from its first sample id: draws do not depend on which actor ran it.
                     self.generator.manual_seed(self.out.seed * 1_000_003 + int(batch["sample_id"][0]))
-                sids, w = sample_rskd(logp, self.out.num_samples, self.generator)
-                out["sample_ids"], out["sample_weights"] = sids.cpu().numpy(), w.cpu().numpy()
+                out["sample_ids"], out["sample_weights"] = sample_rskd(logp, self.out.num_samples, self.generator)
         if self.kind == "classifier" and self.out.task_logits:
-            out["task_logits"] = result.logits.float().cpu().numpy()
-        for layer in self.out.hidden_layers:
-            out[f"hidden_{layer}"] = _host_dense(result.hidden_states[layer], self.out.hidden_dtype)
-        for layer in self.out.attention_layers:
-            out[f"attention_{layer}"] = _host_dense(result.attentions[layer - 1], self.out.attention_dtype)
+            out["task_logits"] = result.logits.float()
+        dense = [(f"hidden_{layer}", result.hidden_states[layer], self.out.hidden_dtype)
+                 for layer in self.out.hidden_layers]
+        dense += [(f"attention_{layer}", result.attentions[layer - 1], self.out.attention_dtype)
+                  for layer in self.out.attention_layers]
+        for name, x, form in dense:
+            out.update(self.dense_columns(name, x, form, encode=codec is not None))
         return out
+
+    def topk_columns(self, top_ids: torch.Tensor, top_lp: torch.Tensor, codec) -> dict[str, Any]:
+        """Top-k columns from the [B, T, k] ids and float32 log-probs: encoded by `codec`, or raw."""
+        covered = torch.logsumexp(top_lp, dim=-1)  # log of the top-k mass
+        log_tail = torch.log(-torch.expm1(covered).clamp(max=0)).clamp(min=-1e4)  # log(1 - mass)
+        if codec is None:
+            return {"topk_ids": top_ids, "topk_logprobs": top_lp, "topk_log_tail": log_tail}
+        B, T, k = top_ids.shape
+        leaves = codec.encode_torch(top_ids.reshape(B * T, k), top_lp.reshape(B * T, k),
+                                    vocab_size=self.out.vocab_size or None)
+        return {"topk_encoded": {name: leaf.reshape(B, T, *leaf.shape[1:]) for name, leaf in leaves.items()},
+                "topk_log_tail": log_tail.to(torch.float16)}  # its stored form
+
+    @staticmethod
+    def dense_columns(name: str, x: torch.Tensor, form: str, encode: bool) -> dict[str, Any]:
+        """A hidden-state or attention column: in its storage form (+ int8 scales), or raw."""
+        from storage.codecs import encode_dense_torch
+
+        if not encode:
+            return {name: _raw_dense(x, form)}
+        codes, params = encode_dense_torch(x, form)
+        return {name: codes, **({f"{name}_scale": params["scale"]} if "scale" in params else {})}
+
+    def _start_copy(self, outputs: dict[str, Any]):
+        """Start the copy of `outputs` to host memory; returns a function that waits for it and
+        gives the same structure as numpy arrays."""
+        flat = list(_flatten(outputs))
+        if self._copy_stream is None:  # CPU tensors: already in host memory
+            return lambda: _unflatten([(path, t.numpy()) for path, t in flat])
+        stream = self._copy_stream
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.inference_mode(), torch.cuda.stream(stream):
+            # non_blocking device-to-host copies land in pinned memory (torch's caching host allocator).
+            host = [(path, t.to("cpu", non_blocking=True)) for path, t in flat]
+            done = torch.cuda.Event()
+            done.record(stream)
+
+        def finish() -> dict[str, Any]:
+            done.synchronize()
+            # `flat` keeps the device tensors alive until here: the copy reads them on the side stream.
+            flat.clear()
+            return _unflatten([(path, t.numpy()) for path, t in host])
+
+        return finish
+
+
+def _flatten(tree: dict[str, Any], prefix: tuple = ()):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, prefix + (key,))
+        else:
+            yield prefix + (key,), value
+
+
+def _unflatten(items) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for path, value in items:
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return out

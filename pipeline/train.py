@@ -118,6 +118,7 @@ class TrainConfig:
 
 
 DICT_FIELDS = ("preset_args", "loss_weights")
+RAW_FIELDS = ("layer_map", "cos_layer")  # "S:T" strings
 
 
 def load_train_config(recipe: str | None = None, config: str | None = None, flags: dict | None = None,
@@ -150,10 +151,12 @@ def load_train_config(recipe: str | None = None, config: str | None = None, flag
     for item in overrides or []:
         key, sep, value = item.partition("=")
         head, dot, sub = key.partition(".")
-        if sep and dot and head.replace("-", "_") in DICT_FIELDS:
+        name = head.replace("-", "_")
+        if sep and dot and name in DICT_FIELDS:
             # Dotted keys edit one entry of a dict field instead of replacing the whole dict.
-            name = head.replace("-", "_")
             layers[name] = {**(layers.get(name) or {}), sub: yaml.safe_load(value)}
+        elif sep and not dot and name in RAW_FIELDS:
+            layers[name] = value  # not through YAML, which reads "6:12" as the base-60 integer 372
         else:
             plain.append(item)
     return build_config(TrainConfig, None, layers, plain)
@@ -272,7 +275,10 @@ def _pair(text: str | None) -> tuple[int, int] | None:
         return None
     if isinstance(text, (list, tuple)):
         return int(text[0]), int(text[1])
-    s, _, t = str(text).partition(":")
+    s, colon, t = str(text).partition(":")
+    if not colon:
+        raise ValueError(f"cos_layer must be 'S:T' (student:teacher), got {text!r}; in a YAML file quote it "
+                         "('6:12'), or YAML reads it as a base-60 number")
     return int(s), int(t)
 
 
@@ -298,6 +304,9 @@ def build_loss_spec(cfg: TrainConfig, n_student: int, n_teacher: int, targets: s
         if getattr(cfg, name) is not None:
             changes[name] = getattr(cfg, name)
     if cfg.layer_map not in ("auto", "", None):
+        if ":" not in str(cfg.layer_map):
+            raise ValueError(f"layer_map must be 'auto' or 'S:T,S:T,...', got {cfg.layer_map!r}; in a YAML file "
+                             "quote it, or YAML reads '2:4' as a base-60 number")
         changes["layer_map"] = parse_layer_map(str(cfg.layer_map), n_student, n_teacher)
     elif spec.layer_map is not None and student_map:
         # A copied student knows which teacher block each of its blocks came from.

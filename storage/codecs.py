@@ -1,11 +1,14 @@
 """Value codecs of the kdcache shard format: how teacher outputs become integers.
 
-Pure numpy. Each codec turns per-token arrays into a few *leaves*: plain
-integer or float arrays of shape (N, k) (one value per top-k entry) or (N,)
-(one scalar per token). The shard writer stores each leaf as a Parquet column
-``list<fixed_size_list<elem, k>>`` (``list<elem>`` for scalars), one row per
-sequence, so pyarrow, duckdb or HF datasets read every leaf without kdcache;
-the decode formulas below are all a reader needs.
+numpy, plus torch twins (``TopKCodec.encode_torch``, ``encode_dense_torch``)
+that compute the same leaves on the teacher's device, so that only the narrow
+leaves cross to the host; torch is imported only by those. Each codec turns
+per-token arrays into a few *leaves*: plain integer or float arrays of shape
+(N, k) (one value per top-k entry) or (N,) (one scalar per token). The shard
+writer stores each leaf as a Parquet column ``list<fixed_size_list<elem, k>>``
+(``list<elem>`` for scalars), one row per sequence, so pyarrow, duckdb or HF
+datasets read every leaf without kdcache; the decode formulas below are all a
+reader needs.
 
 Parquet notes (pyarrow 26, measured, see shared/RAY_NOTES.md):
   * Parquet has no 8- or 16-bit physical type: uint8/uint16/int8 leaves are
@@ -155,6 +158,75 @@ def _deltas(sorted_ids: np.ndarray) -> np.ndarray:
     return np.diff(sorted_ids, axis=1, prepend=0)
 
 
+# --------------------------------------------------------------------------- torch twins
+#
+# ``TopKCodec.encode_torch`` and ``encode_dense_torch`` run on the teacher's device and must give
+# the leaves the numpy functions give, so that where a cache was encoded does not show in it. The
+# same operations in the same precision do that: stable sorts, float64 wherever numpy uses float64,
+# IEEE float32 division (tensor by tensor: see int8) and sqrt, round half to even, float16 rounded
+# once (``_torch_float16``). Checked on CPU and on an H100 by tests/storage/test_codecs.py.
+# Only exp and log may differ in the last bit between libraries; a code moves only if that bit
+# straddles a bin edge (a chance of about 1e-14 per entry), and either code is a valid encoding.
+# Nothing here reads a value back to the host (that would stall the device), so unlike ``encode``
+# the values are not checked: the inputs are the teacher runner's own top-k.
+
+
+def _torch_dtype(dtype: np.dtype):
+    import torch
+
+    return torch.from_numpy(np.empty(0, dtype)).dtype
+
+
+def _check_torch_topk(ids: Any, logprobs: Any):
+    import torch
+
+    for name, x in (("ids", ids), ("logprobs", logprobs)):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name}: expected a torch tensor, got {type(x).__name__}")
+        if x.ndim != 2:
+            raise ValueError(f"{name}: expected shape (N, k), got {tuple(x.shape)}")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise ValueError(f"ids: expected an integer dtype, got {ids.dtype}")
+    if not logprobs.is_floating_point():
+        raise ValueError(f"logprobs: expected a floating dtype, got {logprobs.dtype}")
+    if logprobs.shape != ids.shape:
+        raise ValueError(f"logprobs: shape {tuple(logprobs.shape)} does not match {tuple(ids.shape)}")
+    return ids.long(), logprobs
+
+
+def _torch_top_id(ids, vocab_size: int | None) -> int:
+    """The largest id the id leaf must hold (reads ``ids.max()`` back only without ``vocab_size``)."""
+    if vocab_size:
+        return vocab_size - 1
+    return int(ids.max()) if ids.numel() else 0
+
+
+def _torch_float16(x):
+    """``x`` as float16 rounded once, to nearest even, like numpy's ``astype(np.float16)``.
+
+    torch converts float64 through float32, and that double rounding is one ulp off for about one
+    value in 16,000 (those that land exactly on a float16 tie in float32). Rounding to float32 *to
+    odd* first (toward zero, lowest bit set if inexact) makes the second rounding exact.
+    """
+    import torch
+
+    if x.dtype != torch.float64:
+        return x.to(torch.float16)
+    f = x.to(torch.float32)
+    f = torch.where(f.double().abs() > x.abs(), torch.nextafter(f, torch.zeros_like(f)), f)
+    inexact = (f.double() != x).to(torch.int32)
+    return (f.view(torch.int32) | inexact).view(torch.float32).to(torch.float16)
+
+
+def _torch_sort_rows(key, *arrays):
+    key, order = key.sort(dim=1, stable=True)
+    return [key, *(a.gather(1, order) for a in arrays)]
+
+
+def _torch_deltas(sorted_ids):
+    return sorted_ids.diff(dim=1, prepend=sorted_ids.new_zeros((len(sorted_ids), 1)))
+
+
 # --------------------------------------------------------------------------- top-k codecs
 
 
@@ -177,6 +249,18 @@ class TopKCodec:
         """Leaves keyed like ``element_types``. Pass ``vocab_size`` to get exactly
         its id dtype; without it the narrowest dtype for these ids is used."""
         raise NotImplementedError
+
+    def encode_torch(self, ids, logprobs, vocab_size: int | None = None) -> dict[str, Any]:
+        """``encode`` on torch tensors: the same leaves, as tensors on the inputs' device.
+
+        Codecs that override it run on the device (a GPU teacher then ships only the narrow leaves
+        to the host); this default encodes on the host with ``encode`` and moves the leaves back.
+        """
+        import torch
+
+        _check_torch_topk(ids, logprobs)
+        enc = self.encode(ids.cpu().numpy(), logprobs.cpu().numpy(), vocab_size=vocab_size)
+        return {name: torch.from_numpy(leaf).to(ids.device) for name, leaf in enc.items()}
 
     def decode(self, cols: dict[str, np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
@@ -213,6 +297,13 @@ class ExactCodec(TopKCodec):
         top = vocab_size - 1 if vocab_size else (ids.max() if ids.size else 0)
         return {"ids": ids.astype(narrowest_uint(top)), "logprobs": logprobs.astype(np.float32)}
 
+    def encode_torch(self, ids, logprobs, vocab_size=None):
+        import torch
+
+        ids, logprobs = _check_torch_topk(ids, logprobs)
+        top = _torch_top_id(ids, vocab_size)
+        return {"ids": ids.to(_torch_dtype(narrowest_uint(top))), "logprobs": logprobs.to(torch.float32)}
+
     def decode(self, cols, k):
         ids = _leaf(cols, "ids", k)
         lp = _leaf(cols, "logprobs", k)
@@ -239,6 +330,13 @@ class Float16SortedCodec(TopKCodec):
         top = vocab_size - 1 if vocab_size else (ids.max() if ids.size else 0)
         return {"id_deltas": _deltas(ids).astype(narrowest_uint(top)),
                 "logprobs": logprobs.astype(np.float16)}
+
+    def encode_torch(self, ids, logprobs, vocab_size=None):
+        ids, logprobs = _check_torch_topk(ids, logprobs)
+        top = _torch_top_id(ids, vocab_size)
+        ids, logprobs = _torch_sort_rows(ids, logprobs)
+        return {"id_deltas": _torch_deltas(ids).to(_torch_dtype(narrowest_uint(top))),
+                "logprobs": _torch_float16(logprobs)}
 
     def decode(self, cols, k):
         d = _leaf(cols, "id_deltas", k)
@@ -329,6 +427,7 @@ class PowQ8Codec(TopKCodec):
                 raise ValueError("vocab_order: must be distinct non-negative ids")
             self.vocab_order = order
         self._tables: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._device_ranks: dict[tuple[int, str], Any] = {}  # (size, device) -> rank table tensor
 
     def scalar_leaves(self):
         return {"code_min", "log_mass"}
@@ -411,6 +510,30 @@ class PowQ8Codec(TopKCodec):
                 "codes": (code - code_min[:, None]).astype(np.uint8),
                 "code_min": code_min.astype(np.uint8),
                 "log_mass": log_mass.astype(np.float16)}
+
+    def encode_torch(self, ids, logprobs, vocab_size=None):
+        import torch
+
+        ids, logprobs = _check_torch_topk(ids, logprobs)
+        if vocab_size and self.vocab_order is not None and self.vocab_order.size \
+                and self.vocab_order.max() >= vocab_size:
+            raise ValueError(f"vocab_order: holds ids >= vocab_size {vocab_size}")
+        size = vocab_size or _torch_top_id(ids, None) + 1
+        key = (size, str(ids.device))
+        ranks = self._device_ranks.get(key)
+        if ranks is None:  # a plain lookup table: built once per vocabulary size and device
+            ranks = self._device_ranks[key] = torch.from_numpy(self._table(size)[1]).to(ids.device)
+        rank, logprobs = _torch_sort_rows(ranks[ids], logprobs.to(torch.float64))
+        # Step for step the float64 arithmetic of ``encode``.
+        log_mass = torch.logsumexp(logprobs, dim=1)
+        u = torch.exp(self.alpha * (logprobs - log_mass[:, None]))
+        code = torch.floor(u * self.levels).clamp(max=self.levels - 1).to(torch.int64)
+        code_min = code.amin(dim=1) if code.numel() else code.new_zeros(len(code))
+        top = vocab_size - 1 if vocab_size else size - 1
+        return {"id_deltas": _torch_deltas(rank).to(_torch_dtype(narrowest_uint(top))),
+                "codes": (code - code_min[:, None]).to(torch.uint8),
+                "code_min": code_min.to(torch.uint8),
+                "log_mass": _torch_float16(log_mass)}
 
     def decode(self, cols, k):
         d = _leaf(cols, "id_deltas", k)
@@ -572,6 +695,32 @@ def encode_dense(x: np.ndarray, form: str) -> tuple[np.ndarray, dict]:
         return np.rint(x32 / safe).clip(-127, 127).astype(np.int8), {"scale": scale.astype(np.float32)}
     # uint8 probabilities: sqrt keeps relative precision for the many small weights.
     return np.rint(np.sqrt(np.clip(x, 0, 1, dtype=np.float32)) * 255).astype(np.uint8), {}
+
+
+def encode_dense_torch(x, form: str) -> tuple[Any, dict]:
+    """``encode_dense`` on a torch tensor, on its device: the same codes (and int8 scales), as
+    tensors. bfloat16 codes are the uint16 bit patterns, NaN as 0x7FC0, as on the host."""
+    import torch
+
+    _check_form(form)
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ValueError(f"x: expected a floating torch tensor, got {getattr(x, 'dtype', type(x))}")
+    if form == "float16":
+        return _torch_float16(x), {}
+    x32 = x.to(torch.float32)
+    if form == "bfloat16":
+        bits = x32.to(torch.bfloat16).view(torch.int16)
+        return torch.where(torch.isnan(x32), torch.full_like(bits, 0x7FC0), bits).view(torch.uint16), {}
+    if form == "int8":
+        if x.ndim < 1:
+            raise ValueError("x: int8 needs at least one axis to scale over")
+        absmax = x32.abs().amax(dim=-1)
+        # A tensor divisor: CUDA divides by a Python scalar as a product with its reciprocal, which
+        # is not the correctly rounded float32 quotient numpy computes (one ulp off, now and then).
+        scale = absmax / torch.full_like(absmax, 127)
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))[..., None]
+        return torch.round(x32 / safe).clamp(-127, 127).to(torch.int8), {"scale": scale}
+    return torch.round(torch.sqrt(x32.clamp(0, 1)) * 255).to(torch.uint8), {}
 
 
 def decode_dense(codes: np.ndarray, form: str, params: dict | None = None) -> np.ndarray:

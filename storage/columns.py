@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .codecs import decode_dense, encode_dense
+from .codecs import decode_dense, dense_element_type, encode_dense
 from .errors import ColumnError
 from .schema import CacheSpec
 
@@ -55,24 +55,52 @@ def _check(batch: Mapping[str, Any], name: str, shape_prefix: tuple[int, ...]) -
     return arr
 
 
+def _check_stored(name: str, arr: np.ndarray, shape: tuple[int, ...], element: pa.DataType) -> np.ndarray:
+    """A pre-encoded leaf: exactly its padded shape and its stored element type."""
+    if arr.shape != shape:
+        raise ValueError(f"column {name!r}: encoded leaf has shape {arr.shape}, expected {shape}")
+    if pa.from_numpy_dtype(arr.dtype) != element:
+        raise ValueError(f"column {name!r}: encoded leaf has dtype {arr.dtype}, expected {element}")
+    return arr
+
+
+def _is_stored(arr: np.ndarray, form: str) -> bool:
+    """A dense column given in its storage form (integer codes, or float16 for float16) is encoded."""
+    return pa.from_numpy_dtype(arr.dtype) == dense_element_type(form) and (
+        form == "float16" or not np.issubdtype(arr.dtype, np.floating))
+
+
 def to_record_batch(batch: Mapping[str, Any], spec: CacheSpec, schema: pa.Schema) -> pa.RecordBatch:
-    """Encode one padded batch (numpy arrays, see docs/format.md "Writer input") as Arrow."""
+    """Encode one padded batch (numpy arrays, see docs/format.md "Writer input") as Arrow.
+
+    Teacher outputs may come already encoded (the teacher runner encodes on its device): top-k as
+    `batch["topk_encoded"] = {leaf: array}` with the codec's leaves padded to (B, T, k) or (B, T)
+    instead of `topk_ids`/`topk_logprobs`, and dense columns in their storage dtype (bfloat16 as
+    uint16 bits; int8 codes with `<name>_scale`, (B, T) float32). They are checked and stored as
+    they are; raw columns are encoded here.
+    """
     lengths = np.asarray(batch["lengths"], dtype=np.int64)
     B = len(lengths)
     T = int(np.asarray(batch["input_ids"]).shape[1])
     if B and (lengths.min() < 1 or lengths.max() > T):
         raise ValueError(f"lengths must be in [1, {T}] (the padded width), got {lengths.min()}..{lengths.max()}")
     mask = token_mask(lengths, T)
+    full = B > 0 and int(lengths.min()) == T  # no padding (pack mode): real tokens are a reshape, not a copy
+
+    def real(x: np.ndarray) -> np.ndarray:
+        """(B, T, ...) -> (real tokens, ...), rows then tokens."""
+        return x.reshape(B * T, *x.shape[2:]) if full else x[mask]
+
     cols: dict[str, pa.Array] = {}
     fields = {f.name: f for f in schema}
 
     cols["sample_id"] = pa.array(np.asarray(batch["sample_id"], dtype=np.int64))
     cols["source"] = pa.array([str(s) for s in batch["source"]], type=pa.string())
     cols["length"] = pa.array(lengths.astype(np.int32))
-    ids = _check(batch, "input_ids", (B, T))
-    if B and (ids[mask].min() < 0 or ids[mask].max() >= spec.vocab_size):
+    ids = real(_check(batch, "input_ids", (B, T)))
+    if B and (ids.min() < 0 or ids.max() >= spec.vocab_size):
         raise ValueError(f"input_ids outside the vocabulary [0, {spec.vocab_size})")
-    cols["input_ids"] = _token_list(fields["input_ids"], ids[mask], lengths)
+    cols["input_ids"] = _token_list(fields["input_ids"], ids, lengths)
 
     if spec.mlm:
         pos = _check(batch, "mlm_positions", (B,))
@@ -85,14 +113,25 @@ def to_record_batch(batch: Mapping[str, Any], spec: CacheSpec, schema: pa.Schema
                                    fields["mlm_labels"].type)
 
     if spec.targets == "topk":
-        topk_ids = _check(batch, "topk_ids", (B, T, spec.k))
-        topk_lp = _check(batch, "topk_logprobs", (B, T, spec.k))
-        encoded = spec.codec.encode(topk_ids[mask].astype(np.int64), topk_lp[mask].astype(np.float32),
-                                    vocab_size=spec.vocab_size)
+        if "topk_encoded" in batch:
+            leaves = batch["topk_encoded"]
+            types = spec.codec.element_types(spec.k, spec.vocab_size)
+            scalars = spec.codec.scalar_leaves()
+            encoded = {}
+            for suffix, column in spec.topk_columns.items():
+                if suffix not in leaves:
+                    raise ColumnError(f"topk_encoded lacks the {spec.topk_codec} leaf {suffix!r} (column {column!r})")
+                shape = (B, T) if suffix in scalars else (B, T, spec.k)
+                encoded[suffix] = real(_check_stored(column, np.asarray(leaves[suffix]), shape, types[suffix]))
+        else:
+            topk_ids = real(_check(batch, "topk_ids", (B, T, spec.k)))
+            topk_lp = real(_check(batch, "topk_logprobs", (B, T, spec.k)))
+            encoded = spec.codec.encode(topk_ids.astype(np.int64, copy=False), topk_lp.astype(np.float32, copy=False),
+                                        vocab_size=spec.vocab_size)
         for suffix, column in spec.topk_columns.items():
             cols[column] = _token_list(fields[column], encoded[suffix], lengths)
-        tail = _check(batch, "topk_log_tail", (B, T))
-        cols["topk_log_tail"] = _token_list(fields["topk_log_tail"], tail[mask].astype(np.float16), lengths)
+        tail = real(_check(batch, "topk_log_tail", (B, T)))
+        cols["topk_log_tail"] = _token_list(fields["topk_log_tail"], tail.astype(np.float16, copy=False), lengths)
     elif spec.targets == "sampled":
         sids = _check(batch, "sample_ids", (B, T))
         weights = _check(batch, "sample_weights", sids.shape)
@@ -108,7 +147,13 @@ def to_record_batch(batch: Mapping[str, Any], spec: CacheSpec, schema: pa.Schema
     for layer in spec.hidden_layers:
         name = spec.hidden_column(layer)
         hidden = _check(batch, name, (B, T, spec.hidden_size))
-        stored, params = encode_dense(hidden[mask], spec.hidden_dtype)
+        if _is_stored(hidden, spec.hidden_dtype):
+            stored = real(hidden)
+            if spec.hidden_dtype == "int8":
+                scale = _check_stored(f"{name}_scale", _check(batch, f"{name}_scale", (B, T)), (B, T), pa.float32())
+                params = {"scale": real(scale)}
+        else:
+            stored, params = encode_dense(real(hidden), spec.hidden_dtype)
         cols[name] = _token_list(fields[name], stored, lengths)
         if spec.hidden_dtype == "int8":
             cols[f"{name}_scale"] = _token_list(fields[f"{name}_scale"], np.asarray(params["scale"], np.float32),
@@ -124,7 +169,8 @@ def to_record_batch(batch: Mapping[str, Any], spec: CacheSpec, schema: pa.Schema
         for layer in spec.attention_layers:
             name = spec.attention_column(layer)
             attn = _check(batch, name, (B, H, T, T))
-            stored, _ = encode_dense(attn[mask4], spec.attention_dtype)
+            values = attn.reshape(-1) if full else attn[mask4]
+            stored = values if _is_stored(attn, spec.attention_dtype) else encode_dense(values, spec.attention_dtype)[0]
             ftype = fields[name].type  # fixed_size_list<list<list<elem>>, heads>
             keys = _list(key_sizes, pa.array(stored, type=ftype.value_type.value_type.value_type),
                          ftype.value_type.value_type)

@@ -33,7 +33,9 @@ DAMAGED = Header.__new__(Header)  # sentinel: something is there but cannot be r
 @dataclass(frozen=True)
 class WriteOptions:
     zstd_level: int = 3  # dense columns: level 9 barely shrinks them and halves write speed
-    topk_zstd_level: int = 9  # top-k leaves are small and shrink ~2% more at 9 (docs/performance.md)
+    # Top-k leaves after BYTE_STREAM_SPLIT, SmolLM2 top-64 (fitted pow-q8): 1.643 B/entry at level 1,
+    # 1.664 at 3, 1.637 at 9, which writes 2.6x slower (233k vs 603k tokens/s per core).
+    topk_zstd_level: int = 1
     byte_stream_split: bool = True  # on float leaves (and codec leaves that ask for it)
     page_checksums: bool = True  # Parquet page CRCs, checked by readers on the pages they touch
 
@@ -58,6 +60,12 @@ def _leaf_paths(schema: pa.Schema) -> dict[str, list[str]]:
 _PLAIN_COLUMNS = {"sample_id", "length", "label", "source"}
 
 
+def _leaf_type(t: pa.DataType) -> pa.DataType:
+    while pa.types.is_list(t) or pa.types.is_fixed_size_list(t):
+        t = t.value_type
+    return t
+
+
 def parquet_writer_kwargs(spec: CacheSpec, schema: pa.Schema, options: WriteOptions) -> dict[str, Any]:
     """The encodings of docs/format.md "Encodings".
 
@@ -65,19 +73,24 @@ def parquet_writer_kwargs(spec: CacheSpec, schema: pa.Schema, options: WriteOpti
     leaves are stored as INT32, and without the split zstd has to skip three or two zero bytes between
     every payload byte; for float16 it separates the exponent bytes from the noisier mantissa bytes.
     """
+    leaves = _leaf_paths(schema)
     encodings: dict[str, str] = {}
     if options.byte_stream_split:
-        leaves = _leaf_paths(schema)
         for field in schema:
-            if field.name not in _PLAIN_COLUMNS:
+            # int8 hidden-state codes are the exception: they measured smaller without the split
+            # (0.97 vs 1.16 B/value on SmolLM2, docs/performance.md).
+            if field.name not in _PLAIN_COLUMNS and _leaf_type(field.type) != pa.int8():
                 for leaf in leaves[field.name]:
                     encodings[leaf] = "BYTE_STREAM_SPLIT"
+    # Levels, like encodings, are keyed by leaf path: a list column's name matches none of its leaves,
+    # and such a key is silently ignored (the leaf then gets zstd's default level).
+    levels = {leaf: options.topk_zstd_level if field.name.startswith("topk_") else options.zstd_level
+              for field in schema for leaf in leaves[field.name]}
     # Dictionary encoding silently wins over any column_encoding, so it is off for every column
     # except the short strings of `source` where it helps.
     return dict(
         compression="zstd",
-        compression_level={f.name: (options.topk_zstd_level if f.name.startswith("topk_") else options.zstd_level)
-                           for f in schema},
+        compression_level=levels,
         use_dictionary=["source"],
         column_encoding=encodings or None,
         write_statistics=["sample_id", "length"],
@@ -105,9 +118,12 @@ class ShardWriter:
         self.last_id: int | None = None
         self._done = False
 
-    def write(self, batch: Mapping[str, Any]) -> None:
-        """Append one padded batch (one Parquet row group)."""
-        rb = to_record_batch(batch, self.spec, self.schema)
+    def encode(self, batch: Mapping[str, Any]) -> pa.RecordBatch:
+        """Encode one padded batch. Pure and thread-safe: several batches may encode at once."""
+        return to_record_batch(batch, self.spec, self.schema)
+
+    def write_encoded(self, rb: pa.RecordBatch) -> None:
+        """Append an encoded batch as one Parquet row group (calls must come in row order)."""
         if rb.num_rows == 0:
             return
         self._pq.write_batch(rb)
@@ -116,6 +132,10 @@ class ShardWriter:
         self.last_id = int(ids.max()) if self.last_id is None else max(self.last_id, int(ids.max()))
         self.rows += rb.num_rows
         self.tokens += int(rb.column("length").to_numpy().sum())
+
+    def write(self, batch: Mapping[str, Any]) -> None:
+        """Append one padded batch (one Parquet row group)."""
+        self.write_encoded(self.encode(batch))
 
     def close(self) -> ShardInfo:
         """Finish the file, move it into place, then write its completion marker."""

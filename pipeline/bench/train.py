@@ -21,14 +21,19 @@ Figures (step = forward + backward + optimiser step of the student, on the same 
                                   1x cache (1.0 = streaming: memory does not grow with the cache)
   ray_train_startup_s             TorchTrainer.fit() to the first batch in the worker (1 worker)
 
-Variants run interleaved, in rounds, after warm-up steps; the median step time per variant is used
-(this machine's noise between identical runs is about +-15%: compare ratios, not absolute times).
+Variants are interleaved step by step (one step of each per round, in a shuffled order) after
+warm-up steps, and the median step time per variant is used: on a shared 2-core machine the speed
+drifts by tens of percent within minutes, and interleaving exposes every variant to the same drift.
+Cache reads are not prefetched in the timed steps (the training loop decodes `prefetch` batches
+ahead in a thread): interleaved, a prefetch thread would decode during the other variants' steps, so
+the figures charge every byte of reading and decoding to the step (an upper bound on the overhead).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import random
 import resource
 import statistics
 import subprocess
@@ -39,9 +44,10 @@ from pathlib import Path
 from typing import Any
 
 SIZES = {
-    # sequences in the 1x cache, tokens per sequence, rows per step, warm-up steps, rounds, steps per round
-    "quick": dict(sequences=48, seq_len=64, batch=4, warmup=1, rounds=2, steps=2),
-    "full": dict(sequences=160, seq_len=128, batch=8, warmup=2, rounds=3, steps=3),
+    # sequences in the 1x cache, tokens per sequence, rows per step, warm-up steps per variant, rounds
+    # (one step of every variant per round, in a shuffled order)
+    "quick": dict(sequences=48, seq_len=64, batch=4, warmup=1, rounds=7),
+    "full": dict(sequences=160, seq_len=128, batch=8, warmup=2, rounds=11),
 }
 VOCAB = 30522
 
@@ -225,8 +231,8 @@ def run(args) -> int:
 
     from pipeline.cache_pass import CacheConfig, run_cache_pass
     from pipeline.student import init_student_from_teacher
-    from pipeline.train import (RankStream, build_components, load_train_config, plan_run, prefetched, step_seed,
-                                to_device, train_step)
+    from pipeline.train import (RankStream, build_components, load_train_config, plan_run, step_seed, to_device,
+                                train_step)
     from storage import CacheReader
 
     hf_logging.disable_progress_bar()
@@ -271,9 +277,9 @@ def run(args) -> int:
         comp_masked = dataclasses.replace(comp, loss_fn=build_components(cfg_masked, plan_masked, device).loss_fn)
         reader = CacheReader(cache, verify="full")
 
-        def stream_of(plan):
+        def stream_of(plan):  # endless, epoch after epoch; decoded inside the timed step (no prefetch)
             s = RankStream(reader, plan.columns, B, 0, 1)
-            return prefetched(itertools.chain.from_iterable(s.batches(e) for e in itertools.count()), 2)
+            return itertools.chain.from_iterable(s.batches(e) for e in itertools.count())
 
         memory = [b for b in RankStream(reader, plan_masked.columns, B, 0, 1).batches(0) if b["rows"] == B]
         mem_iter = itertools.cycle(memory)
@@ -308,19 +314,20 @@ def run(args) -> int:
             train_step(c, batch, step_seed(0, step, 0))
             return time.perf_counter() - t, int(batch["attention_mask"].sum())
 
-        for name in variants:  # warm-up: first calls allocate, fill the prefetch queue
+        for name in variants:  # warm-up: first calls allocate and fault in memory
             for _ in range(size["warmup"]):
                 one(name)
+        order = list(variants)
+        rng = random.Random(0)
         for r in range(size["rounds"]):
-            for name in variants:
-                for _ in range(size["steps"]):
-                    dt, n = one(name)
-                    times[name].append(dt)
-                    tokens[name] += n
-            log(f"round {r + 1}/{size['rounds']}: " + ", ".join(f"{k} {statistics.median(v):.3f}s"
-                                                                for k, v in times.items()))
+            rng.shuffle(order)
+            for name in order:
+                dt, n = one(name)
+                times[name].append(dt)
+                tokens[name] += n
+            log(f"round {r + 1}/{size['rounds']}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()))
         med = {k: statistics.median(v) for k, v in times.items()}
-        train_tps = tokens["cache"] / sum(times["cache"])
+        train_tps = tokens["cache"] / (med["cache"] * len(times["cache"]))  # at the median step time
 
         # -- reader throughput, one process -------------------------------------------------------
         reader_tps = _reader_tokens_per_s(cache, plan_all.columns, B, min_s=3.0 if args.quick else 8.0)

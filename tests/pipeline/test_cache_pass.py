@@ -172,3 +172,78 @@ def test_codec_is_fitted_on_calibration_and_kept_on_resume(tmp_path):
     run_cache_pass(plain, executor="local", log=lambda *_: None)
     assert CacheReader(plain.out).spec.codec_params.get("vocab_order") is None
     assert "levels" in CacheReader(plain.out).spec.codec_params
+
+
+def _checksums(url) -> list:
+    return [(s.file, s.checksum, s.rows, s.sample_id_first) for s in CacheReader(url).manifest.shards]
+
+
+def test_shards_in_flight_do_not_change_a_byte(tmp_path):
+    """Several shards at once (threads sharing one teacher) write exactly the shards one at a time does."""
+    teacher = make_teacher(tmp_path / "teacher", "masked-lm")
+    runs = {}
+    for n in (1, 3):
+        cfg = _config(tmp_path, teacher, top_k=8, hidden_layers="1", out=str(tmp_path / f"in-flight-{n}"),
+                      shards_in_flight=n)
+        summary = run_cache_pass(cfg, executor="local", log=lambda *_: None)
+        assert summary["shards_total"] >= 4 and verify_cache(cfg.out)[0] == []
+        runs[n] = _checksums(cfg.out)
+    assert runs[1] == runs[3]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "int8"])
+def test_encoding_on_the_teacher_device_does_not_change_a_byte(tmp_path, monkeypatch, dtype):
+    """Beside a GPU the runner encodes (top-k codec, dense forms) on the device and hands the writer
+    encoded leaves; on a CPU the writer encodes. Both must write the same bytes: run the device path
+    on the CPU and compare."""
+    from pipeline.teacher import TeacherRunner
+
+    teacher = make_teacher(tmp_path / "teacher", "causal-lm")
+    runs = {}
+    for on_device in (False, True):
+        monkeypatch.setattr(TeacherRunner, "encode_on_cpu", on_device)
+        cfg = _config(tmp_path, teacher, top_k=8, hidden_layers="0,2", attention_layers="1", dtype=dtype,
+                      out=str(tmp_path / f"device-{on_device}"), topk_calibration_sequences=8)
+        run_cache_pass(cfg, executor="local", log=lambda *_: None)
+        assert verify_cache(cfg.out)[0] == []
+        runs[on_device] = _checksums(cfg.out)
+    assert runs[False] == runs[True]
+
+
+def test_batches_made_in_worker_processes_do_not_change_a_byte(tmp_path, monkeypatch):
+    """Beside a GPU, masked-LM batches are masked and collated in worker processes, in chunks:
+    the same batches (boundaries included, with duplicated masked copies) as in the shard's thread."""
+    import pipeline.cache_pass
+
+    teacher = make_teacher(tmp_path / "teacher", "masked-lm")
+    runs = {}
+    for workers in (0, 2):
+        monkeypatch.setattr(pipeline.cache_pass, "auto_batch_workers", lambda prep, on_gpu, n=workers: n)
+        cfg = _config(tmp_path, teacher, top_k=4, dupe_factor=2, batch_size=3, shard_tokens=16 * 40,
+                      out=str(tmp_path / f"workers-{workers}"), shards_in_flight=2)
+        run_cache_pass(cfg, executor="local", log=lambda *_: None)
+        runs[workers] = _checksums(cfg.out)
+    assert runs[0] == runs[2] and len(runs[0]) > 1
+
+
+def test_shards_read_in_a_worker_process_match_and_raise_its_errors(tmp_path, monkeypatch):
+    """Beside a GPU (or with Ray) the corpus is read and tokenised in a worker process: the same
+    shards, and a corpus error still surfaces from the pass with its message."""
+    import pipeline.cache_pass as cache_pass
+
+    teacher = make_teacher(tmp_path / "teacher", "causal-lm")
+    runs = {}
+    for device in ("cpu", "cuda"):  # "cuda": what the driver sees beside a GPU teacher
+        monkeypatch.setattr(cache_pass, "_teacher_device", lambda cfg, d=device: d)
+        cfg = _config(tmp_path, teacher, top_k=4, out=str(tmp_path / f"read-{device}"))
+        run_cache_pass(cfg, executor="local", log=lambda *_: None)
+        runs[device] = _checksums(cfg.out)
+    assert runs["cpu"] == runs["cuda"] and len(runs["cpu"]) > 1
+
+    bad = tmp_path / "zz-latin1.txt"
+    bad.write_bytes(b"fine\ncaf\xe9 au lait\n")
+    monkeypatch.setattr(cache_pass, "COUNT_LIMIT_BYTES", 0)  # no counting pass: the worker meets the byte first
+    cfg = _config(tmp_path, teacher, top_k=4, out=str(tmp_path / "bad"))
+    cfg.corpus.append(str(bad))
+    with pytest.raises(ValueError, match=r"invalid UTF-8 byte 0xe9 at byte offset 8 \(line 2\)"):
+        run_cache_pass(cfg, executor="local", log=lambda *_: None)

@@ -1,8 +1,9 @@
 """Training students from a cache (pipeline.train): tiny teachers and caches, the teacher folder deleted
 before any training, the in-process loop for most checks and a few real Ray Train runs.
 
-Test hook used here: `fail_at_step=N` (with `fail_rank`) makes that rank raise just before step N,
-once per run folder, to exercise Ray Train's FailureConfig and the resume path.
+Test hook used here: `fail_at_step=N[,M...]` (with `fail_rank`, default 0) makes that rank raise just
+before step N, once per run folder (a marker file in --out), to exercise Ray Train's FailureConfig and
+the resume path. It is a TrainConfig key like any other, inert unless set.
 """
 from __future__ import annotations
 
@@ -16,30 +17,9 @@ import pytest
 
 from pipeline.train import CompatibilityError, load_train_config, normalize, train, validate
 from storage import CacheReader, ColumnError, assign_shards
-from tests.support import WORDS, llama_tokenizer, tiny_corpus
+from tests.support import WORDS, llama_tokenizer, make_teacher, tiny_corpus
 
 BATCH = 4
-
-
-def _bert_mlm_teacher(folder: Path, layers: int = 4, hidden: int = 32, heads: int = 4) -> str:
-    """A tiny BERT masked LM with a WordPiece vocab of tests.support.WORDS.
-
-    Built here rather than with tests.support.make_teacher: its BertTokenizerFast(vocab_file=...)
-    yields a 5-token vocabulary under transformers 5, while from_pretrained(folder) reads vocab.txt.
-    """
-    import torch
-    from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
-
-    folder.mkdir(parents=True)
-    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tok = BertTokenizerFast.from_pretrained(str(folder))
-    torch.manual_seed(0)
-    model = BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                                       num_hidden_layers=layers, num_attention_heads=heads,
-                                       max_position_embeddings=64))
-    model.save_pretrained(str(folder))
-    tok.save_pretrained(str(folder))
-    return str(folder)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +29,7 @@ def setup(tmp_path_factory):
     from pipeline.student import init_student_from_teacher
 
     root = tmp_path_factory.mktemp("train")
-    teacher = _bert_mlm_teacher(root / "teacher")
+    teacher = make_teacher(root / "teacher", "masked-lm", layers=4, hidden=32, heads=4)
     corpus = tiny_corpus(root / "corpus.jsonl", docs=60)
     common = dict(teacher=teacher, corpus=[corpus], max_length=16, batch_size=8, shard_tokens=16 * 12,
                   progress=False)
@@ -111,8 +91,8 @@ def test_in_process_resume_is_exact_across_epochs(setup):
     """Crash after a checkpoint, re-run: the same losses and rows as one uninterrupted run (shuffled
     shard order, an epoch boundary and a short last batch included)."""
     rows = CacheReader(str(setup / "cache")).manifest.rows
-    steps = math.ceil(rows / BATCH) + 3
-    extra = ["shuffle=true", "log_samples=true", "checkpoint_every=4"]
+    steps = math.ceil(rows / 5) + 3
+    extra = ["shuffle=true", "log_samples=true", "checkpoint_every=4", "batch_size=5"]  # batches span shards
     train(_cfg(setup, "ref", no_ray=True, steps=steps, overrides=extra), log=lambda *_: None)
     crashed = _cfg(setup, "crash", no_ray=True, steps=steps, overrides=[*extra, "fail_at_step=7"])
     with pytest.raises(RuntimeError, match="injected failure before step 7"):
@@ -125,11 +105,13 @@ def test_in_process_resume_is_exact_across_epochs(setup):
     for a, b in zip(ref, got):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), a["step"]
     assert _samples(setup / "ref", 0) == _samples(setup / "crash", 0)
-    seen = [i for s in _samples(setup / "crash", 0) if s["epoch"] == 0 for i in s["sample_ids"]]
+    samples = _samples(setup / "crash", 0)
+    assert {s["epoch"] for s in samples} == {0, 1} and rows % 5 and len(samples[-4]["sample_ids"]) == rows % 5
+    seen = [i for s in samples if s["epoch"] == 0 for i in s["sample_ids"]]
     assert sorted(seen) == list(range(rows))
     # a different batch size cannot continue these data positions
     with pytest.raises(CompatibilityError, match="batch_size"):
-        validate(_cfg(setup, "crash", no_ray=True, steps=steps, batch_size=3, overrides=extra))
+        validate(_cfg(setup, "crash", no_ray=True, steps=steps, overrides=[*extra, "batch_size=3"]))
 
 
 def test_tinybert_general_with_projection_and_masked_kd(setup):
@@ -144,6 +126,36 @@ def test_tinybert_general_with_projection_and_masked_kd(setup):
     # KD restricted to the cached mask positions
     cfg = _cfg(setup, "run_masked", no_ray=True, steps=3, kd_positions="masked")
     assert math.isfinite(train(cfg, log=lambda *_: None)["final_metrics"]["loss_kd"])
+
+
+def test_lm_and_task_recipes(tmp_path):
+    """lm follows the cache's targets (top-k -> kd at T=2, RS-KD -> rskd at T=1); tinybert-task reads
+    only the classifier teacher's task logits."""
+    from pipeline.cache_pass import CacheConfig, run_cache_pass
+    from pipeline.student import init_student_from_teacher
+
+    corpus = tiny_corpus(tmp_path / "c.jsonl", docs=30)
+    lm = make_teacher(tmp_path / "lm", "causal-lm", layers=2)
+    clf = make_teacher(tmp_path / "clf", "classifier", layers=2)
+    common = dict(corpus=[corpus], max_length=16, batch_size=8, progress=False)
+    for out, kw in (("c_topk", dict(teacher=lm, top_k=8, hidden_layers="2")),
+                    ("c_rskd", dict(teacher=lm, sample=8, hidden_layers="2")),
+                    ("c_clf", dict(teacher=clf, mode="examples", label_field="label"))):
+        run_cache_pass(CacheConfig(out=str(tmp_path / out), **kw, **common), executor="local", log=lambda *_: None)
+    init_student_from_teacher(lm, tmp_path / "s_lm", num_layers=1)
+    init_student_from_teacher(clf, tmp_path / "s_clf", num_layers=1)
+    shutil.rmtree(lm)
+    shutil.rmtree(clf)
+    expect = {"c_topk": ({"kd", "clm", "cos"}, 2.0), "c_rskd": ({"rskd", "clm", "cos"}, 1.0), "c_clf": ({"pred"}, 1.0)}
+    for recipe, cache, student in (("lm", "c_topk", "s_lm"), ("lm", "c_rskd", "s_lm"),
+                                   ("tinybert-task", "c_clf", "s_clf")):
+        cfg = _cfg(tmp_path, f"run_{cache}", recipe=recipe, student=student, cache=cache, no_ray=True, steps=3)
+        report = validate(cfg)
+        assert (set(report["loss_weights"]), report["temperature"]) == expect[cache]
+        assert math.isfinite(train(cfg, log=lambda *_: None)["final_loss"])
+    assert report["columns"] == ["sample_id", "length", "input_ids", "task_logits"]
+    with pytest.raises(CompatibilityError, match="rskd needs temperature 1.0"):
+        validate(_cfg(tmp_path, "x", recipe="lm", student="s_lm", cache="c_rskd", temperature=2.0))
 
 
 class GRUStudent:
@@ -185,13 +197,7 @@ def test_non_transformer_student(setup):
     assert (setup / "run_gru" / "student" / "student.pt").exists()
 
 
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-@pytest.mark.skipif(not _has_cuda(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_cuda_training_and_resume(setup):
     """use_gpu in-process: bf16 autocast, checkpoints written from CUDA tensors, resume onto the GPU."""
     import torch

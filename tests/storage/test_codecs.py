@@ -273,3 +273,120 @@ def test_dense_bad_input():
         decode_dense(codes, "int8", {})
     with pytest.raises(ValueError, match="params"):
         decode_dense(codes, "int8", {"scale": np.ones(3, np.float32)})
+
+
+# --------------------------------------------------------------------------- torch twins (device encoding)
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("vocab", [100, 30_522, 70_000])
+@pytest.mark.parametrize("name", sorted(CODECS))
+def test_encode_torch_gives_the_numpy_leaves(name, vocab, device):
+    """The teacher runner encodes on its device: the leaves must be the host encoder's, bit for bit."""
+    ids, lp = lm_like_topk(3000, vocab, seed=vocab + 1)
+    ids[0, :2] = [0, vocab - 1]
+    lp[1, :] = lp[1, 0]  # ties
+    codecs = [get_topk_codec(name)]
+    if name == DEFAULT_TOPK_CODEC:
+        codecs.append(codecs[0].fit(ids[:500]))  # a vocabulary order: the rank table goes to the device
+    for codec in codecs:
+        for dtype in (np.float32, np.float64):  # float64 -> float16 must round once, as numpy does
+            for vocab_size in (vocab, None):
+                want = codec.encode(ids, lp.astype(dtype), vocab_size=vocab_size)
+                got = codec.encode_torch(torch.from_numpy(ids).to(device),
+                                         torch.from_numpy(lp.astype(dtype)).to(device), vocab_size=vocab_size)
+                assert set(got) == set(want)
+                for leaf, arr in want.items():
+                    assert got[leaf].device.type == device
+                    np.testing.assert_array_equal(got[leaf].cpu().numpy(), arr, err_msg=f"{name} {leaf} {dtype}")
+                    assert got[leaf].cpu().numpy().dtype == arr.dtype, leaf
+
+
+def test_encode_torch_checks_its_inputs():
+    codec = get_topk_codec(DEFAULT_TOPK_CODEC)
+    ids, lp = (torch.from_numpy(a) for a in lm_like_topk(4, 1000))
+    with pytest.raises(ValueError, match="logprobs"):
+        codec.encode_torch(ids, lp[:, :-1])
+    with pytest.raises(ValueError, match="ids"):
+        codec.encode_torch(ids.float(), lp)
+    with pytest.raises(ValueError, match="ids"):
+        codec.encode_torch(ids.numpy(), lp)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # float16 of 7e4 and inf, on purpose
+@pytest.mark.parametrize("device", DEVICES)
+def test_encode_dense_torch_gives_the_numpy_codes(device):
+    from storage.codecs import encode_dense_torch
+
+    rng = np.random.default_rng(10)
+    hidden = (rng.standard_normal((40, 12, 96)) * 10.0 ** rng.integers(-6, 6, (40, 12, 1))).astype(np.float32)
+    hidden[0, 0] = 0  # an all-zero vector (int8 scale 0)
+    hidden[0, 1, :3] = [np.inf, -np.inf, 7e4]  # beyond float16
+    attn = rng.dirichlet(np.full(64, 0.1), size=(40, 64)).astype(np.float32)
+    cases = [(hidden, f) for f in ("float16", "bfloat16", "int8")] + [(hidden.astype(np.float64), "float16"),
+                                                                      (attn, "uint8"), (attn, "float16")]
+    for x, form in cases:
+        if form == "int8":
+            x = np.nan_to_num(x, posinf=1e4, neginf=-1e4)
+        want, want_params = encode_dense(x, form)
+        got, got_params = encode_dense_torch(torch.from_numpy(x).to(device), form)
+        np.testing.assert_array_equal(got.cpu().numpy(), want, err_msg=f"{form} {x.dtype}")
+        assert got.cpu().numpy().dtype == want.dtype
+        assert set(got_params) == set(want_params)
+        for k, v in want_params.items():
+            np.testing.assert_array_equal(got_params[k].cpu().numpy(), v)
+    # bfloat16 NaN is the canonical 0x7FC0 on both sides; teacher outputs in bfloat16 encode the same.
+    nan = torch.tensor([np.nan, -np.nan, 1.0], device=device)
+    assert encode_dense_torch(nan, "bfloat16")[0].cpu().numpy().tolist()[:2] == [0x7FC0, 0x7FC0]
+    bf16 = torch.from_numpy(hidden).to(device).to(torch.bfloat16)
+    for form in ("float16", "bfloat16", "int8"):
+        src = bf16.nan_to_num(posinf=1e4, neginf=-1e4) if form == "int8" else bf16
+        np.testing.assert_array_equal(encode_dense_torch(src, form)[0].cpu().numpy(),
+                                      encode_dense(src.float().cpu().numpy(), form)[0])
+
+
+def test_pre_encoded_leaves_are_checked_and_stored_as_given():
+    """The writer takes device-encoded leaves as they are (same bytes as encoding the raw columns
+    itself) and refuses leaves of the wrong shape or dtype."""
+    from storage import CacheSpec
+    from storage.columns import to_record_batch
+    from storage.errors import ColumnError
+    from storage.schema import build_schema
+    from tests.support import synthetic_batch
+
+    spec = CacheSpec(vocab_size=1000, max_length=16, targets="topk", k=8, topk_codec=DEFAULT_TOPK_CODEC,
+                     hidden_layers=(0, 1), hidden_size=32, hidden_dtype="int8", attention_layers=(1,), num_heads=2,
+                     attention_dtype="uint8")
+    schema = build_schema(spec)
+    rng = np.random.default_rng(11)
+    for full in (False, True):
+        raw = synthetic_batch(spec, np.arange(4), rng)
+        if full:
+            raw["lengths"][:] = spec.max_length
+        B, T = raw["input_ids"].shape
+        flat = spec.codec.encode(raw["topk_ids"].reshape(B * T, -1), raw["topk_logprobs"].reshape(B * T, -1),
+                                 vocab_size=spec.vocab_size)
+        pre = {k: v for k, v in raw.items() if k not in ("topk_ids", "topk_logprobs")}
+        pre["topk_encoded"] = {leaf: a.reshape(B, T, *a.shape[1:]) for leaf, a in flat.items()}
+        pre["topk_log_tail"] = raw["topk_log_tail"].astype(np.float16)
+        for layer in spec.hidden_layers:
+            codes, params = encode_dense(raw[f"hidden_{layer}"], "int8")
+            pre[f"hidden_{layer}"], pre[f"hidden_{layer}_scale"] = codes, params["scale"]
+        pre["attention_1"] = encode_dense(raw["attention_1"], "uint8")[0]
+        assert to_record_batch(pre, spec, schema).equals(to_record_batch(raw, spec, schema))
+
+        bad = dict(pre, topk_encoded={**pre["topk_encoded"], "codes": pre["topk_encoded"]["codes"][:, :, :-1]})
+        with pytest.raises(ValueError, match="topk_codes.*shape"):
+            to_record_batch(bad, spec, schema)
+        wide = pre["topk_encoded"]["id_deltas"].astype(np.int32)
+        bad = dict(pre, topk_encoded={**pre["topk_encoded"], "id_deltas": wide})
+        with pytest.raises(ValueError, match="topk_id_deltas.*dtype"):
+            to_record_batch(bad, spec, schema)
+        bad = dict(pre, topk_encoded={k: v for k, v in pre["topk_encoded"].items() if k != "log_mass"})
+        with pytest.raises(ColumnError, match="log_mass"):
+            to_record_batch(bad, spec, schema)
+        bad = {k: v for k, v in pre.items() if k != "hidden_1_scale"}
+        with pytest.raises(ColumnError, match="hidden_1_scale"):
+            to_record_batch(bad, spec, schema)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 from storage import CacheReader
 from tests.support import write_cache
@@ -43,3 +44,18 @@ def test_duckdb_queries_the_cache(tmp_path, full_spec):
     assert (rows, tokens, distinct) == (manifest.rows, manifest.tokens, manifest.rows)
     ((k,),) = duckdb.sql(f"select len(topk_codes[1]) from read_parquet('{glob}') limit 1").fetchall()
     assert k == full_spec.k
+
+
+@pytest.mark.ray
+def test_ray_data_reads_the_manifest_files(tmp_path, full_spec):
+    import ray
+    manifest, _ = write_cache(tmp_path / "c", full_spec, shards=2)
+    reader = CacheReader(str(tmp_path / "c"))
+    ray.init(num_cpus=1, include_dashboard=False)
+    try:
+        ds = ray.data.read_parquet(reader.files(), filesystem=None, columns=["sample_id", "length", "hidden_0"])
+        rows = ds.take_all()
+        assert sorted(r["sample_id"] for r in rows) == list(range(manifest.rows))
+        assert np.stack(rows[0]["hidden_0"]).shape == (rows[0]["length"], full_spec.hidden_size)
+    finally:
+        ray.shutdown()

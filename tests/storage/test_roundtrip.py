@@ -127,3 +127,22 @@ def test_torch_batches(tmp_path, full_spec):
     assert batch["topk_ids"].dtype == torch.int64 and batch["topk_ids"].shape[-1] == full_spec.k
     assert batch["hidden_0"].shape[0] == 4 and batch["hidden_0"].shape[-1] == full_spec.hidden_size
     assert batch["attention_mask"].shape == batch["topk_log_tail"].shape
+
+
+def test_fsspec_memory_url_round_trips(full_spec):
+    import fsspec
+
+    url = "memory://kdcache-test/cache"
+    try:
+        manifest, written = write_cache(url, full_spec, shards=2)
+        reader = CacheReader(url)
+        assert reader.files()[0].startswith("/kdcache-test/cache/shards/")
+        read = _rows_by_id(reader, ["input_ids"])
+        assert sorted(read) == sorted(written)
+        from storage.verify import verify_cache
+
+        assert verify_cache(url)[0] == []
+        fs = fsspec.filesystem("memory")
+        assert not [p for p in fs.find("/kdcache-test") if "/.tmp-" in p]
+    finally:
+        fsspec.filesystem("memory").rm("/kdcache-test", recursive=True)
