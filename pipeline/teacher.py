@@ -258,11 +258,18 @@ class TeacherRunner:
             # logsumexp(logits.float()) moves ~5x the bytes over the [B, T, V] logits (a float32
             # copy, x - max, exp, sum). The top-k runs on the raw logits (same order, half the bytes
             # of the log-probs) and gathers its log-probs.
-            logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
-            if self.out.targets == "topk":
+            # float32 logits (a CPU teacher) need no conversion: there one read for the normaliser
+            # beats writing a whole [B, T, V] log-softmax.
+            if self.out.targets == "topk" and logits.dtype == torch.float32:
+                top_logits, top_ids = torch.topk(logits, self.out.k, dim=-1)
+                lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+                out.update(self.topk_columns(top_ids, top_logits - lse, codec))
+            elif self.out.targets == "topk":
+                logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
                 top_ids = torch.topk(logits, self.out.k, dim=-1).indices
                 out.update(self.topk_columns(top_ids, logp.gather(-1, top_ids), codec))
             else:
+                logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
                 if self.generator is not None:
                     # Seeded per batch from its first sample id: draws do not depend on which actor ran it.
                     self.generator.manual_seed(self.out.seed * 1_000_003 + int(batch["sample_id"][0]))
