@@ -17,7 +17,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -341,8 +341,6 @@ class ShardProcessor:
     """
 
     def __init__(self, prep: Prepared, out_url: str, storage_options: dict | None = None):
-        import torch
-
         from .masking import TokenizerInfo
         from .teacher import OutputSpec, TeacherRunner, load_teacher, teacher_options_from
 
@@ -365,7 +363,6 @@ class ShardProcessor:
         self._batch_pool = None
         if self.batch_workers:
             self.start_batch_workers()
-        self.torch = torch
 
     def batches(self, sequences: list) -> Iterator[dict[str, Any]]:
         if not self.batch_workers:
@@ -494,7 +491,6 @@ def _needs_calibration(prep: Prepared) -> bool:
 
 def _calibration_sequences(prep: Prepared) -> list:
     """The first N sequences of the corpus: deterministic, so a rerun fits the same parameters."""
-    import itertools
 
     seqs = []
     for _, shard in iter_shard_inputs(prep):

@@ -76,7 +76,7 @@ def run_demo(quick: bool, out: str | None, log=print) -> dict[str, Any]:
     cfg = load_train_config("tinybert-general", flags={
         "cache": str(cache), "student": str(student), "out": str(run), "steps": profile["steps"],
         "batch_size": profile["batch_size"], "lr": 5e-4, "workers": 1, "checkpoint_every": 20})
-    result = train(cfg, log=log)
+    train(cfg, log=log)
     losses = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     first, last = losses[0], losses[-1]
     report = {

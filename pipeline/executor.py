@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 from storage import ShardInfo
 

@@ -11,17 +11,17 @@ from typing import Any
 from storage import CacheSpec
 
 # Compressed bytes per stored value, measured by `kdcache bench storage` (SmolLM2-135M, wiki text).
-MEASURED = {
-    "input_id": 1.6,
-    "topk_entry": 1.6,  # default top-k codec, per (id, log-prob) pair
-    "topk_tail": 1.5,
-    "sampled_entry": 3.2,  # id + float16 weight per unique draw
-    "float16": 1.70,  # hidden states, per value (BYTE_STREAM_SPLIT + zstd)
-    "bfloat16": 1.38,
-    "int8": 1.0,
-    "attention_float16": 1.36,  # attention probabilities, per value
-    "attention_bfloat16": 1.2,
-    "attention_uint8": 0.8,
+MEASURED = {  # docs/performance.md, `kdcache bench storage` on SmolLM2-135M, 2026-11-27
+    "input_id": 1.6,  # estimate (not benched)
+    "topk_entry": 1.65,  # default top-k codec (fitted), per (id, log-prob) pair
+    "topk_tail": 2.0,  # float16 log tail per token
+    "sampled_entry": 3.2,  # estimate: id + float16 weight per unique draw (not benched)
+    "float16": 1.41,  # hidden states, per value (BYTE_STREAM_SPLIT + zstd)
+    "bfloat16": 1.21,
+    "int8": 0.89,
+    "attention_float16": 0.88,  # attention probabilities, per value
+    "attention_bfloat16": 0.72,
+    "attention_uint8": 0.36,
 }
 
 

@@ -547,10 +547,9 @@ class RankStream:
 def decode_batch(rb, cache_spec) -> dict[str, Any]:
     """Arrow rows -> padded CPU tensors (the losses' shapes); `rows` counts them."""
     from storage.columns import to_numpy
+    from storage.reader import numpy_to_torch
 
-    # Zero-copy Arrow views (sample ids, lengths) are read-only; torch wants writable memory.
-    out = {k: torch.from_numpy(v if v.flags.writeable else v.copy())
-           for k, v in to_numpy(rb, cache_spec).items() if v.dtype != object}
+    out = {k: v for k, v in numpy_to_torch(to_numpy(rb, cache_spec)).items() if isinstance(v, torch.Tensor)}
     out["rows"] = rb.num_rows
     return out
 

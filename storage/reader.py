@@ -161,9 +161,14 @@ class CacheReader:
 
     def iter_torch(self, columns: Iterable[str] | None = None, **kwargs) -> Iterator[dict[str, Any]]:
         """Padded torch tensors (CPU, pinned-able); `source` stays a numpy object array."""
-        import torch
-
         for batch in self.iter_numpy(columns, **kwargs):
-            # Zero-copy Arrow buffers are read-only; torch wants writable memory, so only those are copied.
-            yield {k: (v if v.dtype == object else torch.from_numpy(v if v.flags.writeable else v.copy()))
-                   for k, v in batch.items()}
+            yield numpy_to_torch(batch)
+
+
+def numpy_to_torch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    """A decoded batch as CPU tensors; object arrays (`source`) stay numpy."""
+    import torch
+
+    # Zero-copy Arrow buffers are read-only; torch wants writable memory, so only those are copied.
+    return {k: (v if v.dtype == object else torch.from_numpy(v if v.flags.writeable else v.copy()))
+            for k, v in batch.items()}

@@ -8,11 +8,10 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from .errors import CacheError
 from .fs import TMP_PREFIX, Location
-from .manifest import SHARD_DIR, read_manifest
+from .manifest import SHARD_DIR
 from .reader import CacheReader
 
 

@@ -39,9 +39,6 @@ class WriteOptions:
     byte_stream_split: bool = True  # on float leaves (and codec leaves that ask for it)
     page_checksums: bool = True  # Parquet page CRCs, checked by readers on the pages they touch
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 @lru_cache(maxsize=32)
 def _leaf_paths(schema: pa.Schema) -> dict[str, list[str]]:

@@ -94,7 +94,3 @@ def packed_batches(tokenizer, texts: list[str], n_seq: int, seq_len: int, batch_
     if sum(len(b["lengths"]) for b in out) < n_seq:
         raise RuntimeError(f"the corpus gave fewer than {n_seq} sequences of {seq_len} tokens")
     return out
-
-
-def nbytes(batch: dict[str, Any]) -> int:
-    return sum(v.nbytes for v in batch.values() if isinstance(v, np.ndarray))

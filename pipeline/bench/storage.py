@@ -6,7 +6,6 @@ reader; sizes are the Parquet column-chunk sizes of the written files. MB/s are 
 """
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import tempfile
 import time
