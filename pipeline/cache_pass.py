@@ -25,7 +25,7 @@ import numpy as np
 from storage import CacheSpec, CacheWriter, Header, ShardInfo, WriteOptions
 from storage.fs import Location, redact
 
-from .faults import maybe_fail
+from .faults import mid_shard
 
 DEFAULT_SHARD_BYTES = 256 << 20
 
@@ -432,8 +432,7 @@ class ShardProcessor:
                     with self._lock:
                         self.forward_calls += 1
                     if n == 1 or len(sequences) <= self.prep.cfg.batch_size:
-                        maybe_fail("die", index)  # mid-shard: one batch already handed to the writer
-                        maybe_fail("raise", index)
+                        mid_shard(index)  # injected faults (pipeline/faults.py): one batch went to the writer
                     encoded = encode_pool.submit(writer.encode, {**batch, **outputs})
                     pending.append(write_pool.submit(lambda f=encoded: writer.write_encoded(f.result())))
                     while len(pending) > encoders:  # bounded host memory: at most this many batches in flight

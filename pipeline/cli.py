@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from importlib.metadata import PackageNotFoundError, version
 
 
@@ -165,11 +166,40 @@ def cmd_bench_cache(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from pipeline.demo import run_demo
+    if args.llm:
+        from pipeline.demo_llm import run_llm_demo as run
+    else:
+        from pipeline.demo import run_demo as run
 
-    report = run_demo(args.quick, args.out)
+    report = run(args.quick, args.out)
     if args.json:
         print_json(report)
+    return 0
+
+
+def _named_paths(items: list[str] | None, default_prefix: str) -> dict[str, str]:
+    """`NAME=PATH` or `PATH` (named by position) -> {name: path}."""
+    out: dict[str, str] = {}
+    for i, item in enumerate(items or []):
+        name, sep, path = item.partition("=")
+        if not sep:
+            name, path = (default_prefix if i == 0 else f"{default_prefix}{i + 1}"), item
+        out[name] = path
+    return out
+
+
+def cmd_eval(args) -> int:
+    from pipeline.evaluate import run_eval
+
+    students = _named_paths(args.student, "student")
+    if not students:
+        raise SystemExit("kdcache eval: give at least one --student PATH (or NAME=PATH)")
+    flat = run_eval(args.teacher, students, args.task, args.out, baseline=args.baseline,
+                    runs=_named_paths(args.run, "run"), data_dir=args.data_dir, rounds=args.rounds)
+    print(Path(flat["report"]).read_text().split("## Plots")[0].rstrip())
+    print(f"\nreport: {flat['report']}")
+    if args.json:
+        print_json({k: v for k, v in flat.items() if k != "models"} | {"models": flat["models"]})
     return 0
 
 
@@ -209,8 +239,25 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="the main job end to end: real teacher, real text, offline")
     s.add_argument("--quick", action="store_true", help="the small profile (what the tests run)")
     s.add_argument("--out", default=None, help="output folder (default runs/demo or runs/demo-quick)")
+    s.add_argument("--llm", action="store_true",
+                   help="the LLM pretraining-distillation demo instead (SmolLM2-135M, top-k vs RS-KD targets)")
     s.add_argument("--json", action="store_true", help="print the summary as one JSON object (last line)")
     s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("eval", help="accuracy, size and CPU speed of a teacher and students; report.md + plots")
+    s.add_argument("--teacher", required=True, help="the teacher (a classifier folder for a classification task)")
+    s.add_argument("--student", action="append", metavar="[NAME=]PATH", help="a student folder (repeatable)")
+    s.add_argument("--baseline", default=None, help="a student of the same shape trained without distillation")
+    s.add_argument("--task", default="rotten-tomatoes",
+                   help="rotten-tomatoes (built-in fixed split; its test split is used) or a JSONL file with "
+                        "text + label")
+    s.add_argument("--out", required=True, help="report folder: report.md, eval.json, PNG plots")
+    s.add_argument("--run", action="append", metavar="[NAME=]RUN_DIR",
+                   help="a `kdcache train` output folder whose metrics.jsonl is plotted (repeatable)")
+    s.add_argument("--data-dir", default=None, help="where built-in task splits are written (default OUT/data)")
+    s.add_argument("--rounds", type=int, default=5, help="alternating timing rounds per model")
+    s.add_argument("--json", action="store_true", help="print the evaluation as one JSON object (last line)")
+    s.set_defaults(func=cmd_eval)
 
     bench = sub.add_parser("bench", help="benchmarks that print measured figures")
     bsub = bench.add_subparsers(dest="bench", metavar="BENCH")
@@ -256,11 +303,22 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    import logging
+
+    from pipeline.executor import ShardFailed
     from storage.errors import CacheError
+
+    # kdcache's own INFO lines (e.g. where the teacher actors ran) reach the terminal; libraries stay quiet.
+    ours = logging.getLogger("kdcache")
+    if not ours.handlers:  # main() may run several times in one process (tests)
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
 
     try:
         return int(args.func(args) or 0)
-    except (CacheError, ValueError, FileNotFoundError, PermissionError) as exc:
+    except (CacheError, ShardFailed, ValueError, FileNotFoundError, PermissionError) as exc:
         print(f"kdcache {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -29,6 +29,7 @@ same documents, in the same order, with the same sources.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import io
@@ -41,6 +42,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple
 
 import fsspec
 import xxhash
+
+from storage.fs import redact
 
 logger = logging.getLogger(__name__)
 
@@ -700,13 +703,35 @@ def _documents(path: str, records: Iterable[_Record], spec: CorpusSpec, stats: C
                 yield Document(piece, f"{source}#{part}", label, part)
 
 
+@contextlib.contextmanager
+def _redacted_errors() -> Iterator[None]:
+    """Error messages name the file; a URL's credentials (user:secret@, ?token=...) must not travel with them
+    into logs. The original exception (which holds them) is dropped from the chain."""
+    try:
+        yield
+    except (ValueError, OSError) as e:
+        clean = redact(str(e))
+        if clean == str(e):
+            raise
+        try:
+            replacement = type(e)(clean)
+        except Exception:  # noqa: BLE001 - an exception type that needs other arguments
+            replacement = ValueError(clean)
+        raise replacement from None
+
+
 def iter_documents(spec: CorpusSpec, stats: CorpusStats | None = None) -> Iterator[Document]:
     """Stream every document of the corpus, file after file (see the module docstring).
 
     Raises FileNotFoundError for a path or glob that matches nothing, and
-    ValueError when the whole corpus yields no document at all.
+    ValueError when the whole corpus yields no document at all. Sources and
+    error messages carry each path with any credentials in its URL redacted.
     """
-    stats = stats if stats is not None else CorpusStats()
+    with _redacted_errors():
+        yield from _iter_documents(spec, stats if stats is not None else CorpusStats())
+
+
+def _iter_documents(spec: CorpusSpec, stats: CorpusStats) -> Iterator[Document]:
     files = expand_paths(spec.paths)
     yielded = 0
     for path in files:
@@ -716,7 +741,8 @@ def iter_documents(spec: CorpusSpec, stats: CorpusStats | None = None) -> Iterat
         stats.files += 1
         records = _reader_for(fmt)(path, spec, stats)
         try:
-            for doc in _documents(path, records, spec, stats):
+            # Sources are stored in the cache: never with the credentials of a URL.
+            for doc in _documents(redact(path), records, spec, stats):
                 yielded += 1
                 yield doc
         except (EOFError, OSError) as e:  # truncated bz2/gz/xz, unreadable file...

@@ -11,10 +11,13 @@ with its message and the shard's name.
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import os
 from typing import Any, Callable, Iterable
 
 from storage import ShardInfo
+from storage.writer import CacheWriteError
 
 ProgressFn = Callable[[ShardInfo], None]
 
@@ -153,6 +156,7 @@ class RayExecutor:
         self.actor_cls = _actor_class()
         self.actors = [self._new_actor() for _ in range(n)]
         self.forward_calls = 0
+        self.placement: list[dict[str, Any]] = []
         # Wait until every teacher is loaded: a broken teacher folder fails here, once, with its message.
         try:
             ray.get([a.stats.remote() for a in self.actors])
@@ -221,8 +225,11 @@ class RayExecutor:
                     continue
                 self._abort(running)
                 cause = getattr(exc, "cause", None) or exc
-                raise ShardFailed(f"shard {index} failed: {type(cause).__name__}: {cause} (not retried: the error "
-                                  f"comes from the shard's own code or data)\n--- actor traceback ---\n{exc}") from None
+                why = ("the storage refused the write: free space or fix permissions, then rerun to resume"
+                       if isinstance(cause, CacheWriteError)
+                       else "the error comes from the shard's own code or data")
+                raise ShardFailed(f"shard {index} failed: {type(cause).__name__}: {cause} (not retried: {why})"
+                                  f"\n--- actor traceback ---\n{exc}") from None
             except system_errors as exc:
                 self._replace(actor, load, running, index, seqs_ref, attempt, exc)
                 continue
@@ -270,6 +277,12 @@ class RayExecutor:
         try:
             stats = ray.get([a.stats.remote() for a in self.actors], timeout=30)
             self.forward_calls = sum(s["forward_calls"] for s in stats)
+            # Where the teachers ran: one line a user (or a test) can read to see the spread over nodes.
+            self.placement = [{"node": s["node"], "pid": s["pid"], "forward_calls": s["forward_calls"],
+                               **self.resources} for s in stats]
+            logging.getLogger("kdcache.executor").info(
+                "teacher actors: %d on %d node(s): %s", len(stats), len({s["node"] for s in stats}),
+                json.dumps(self.placement))
         except Exception:  # noqa: BLE001 - stats are informational
             pass
         for a in self.actors:

@@ -270,8 +270,13 @@ def init_student_from_teacher(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     seed: int = 0,
+    embedding_init: str = "random",
 ) -> dict[str, Any]:
     """Write a student checkpoint to ``out_dir``; return its ``kdcache_student.json`` record.
+
+    ``embedding_init="pca"`` (narrower students only): the embedding tables (token, position,
+    token-type) are the teacher's, projected onto the top principal directions of its token
+    embeddings, instead of random; the transformer blocks stay random.
 
     ``layers`` are 0-based teacher block indices (copy mode only). The record's
     ``hidden_layer_map`` gives the (student, teacher) hidden-state pairs (0 =
@@ -357,6 +362,11 @@ def init_student_from_teacher(
         new_init, dropped = _copy_weights(student, weights, chosen, n_t)
     else:
         new_init = ["<all: random init, seed %d>" % seed]
+        if embedding_init == "pca":
+            projected = _pca_embeddings(student, weights, h_t)
+            new_init = [f"<all but {', '.join(projected)}: random init, seed {seed}>"]
+        elif embedding_init != "random":
+            raise ValueError(f"embedding_init must be 'random' or 'pca', got {embedding_init!r}")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     student.save_pretrained(str(out_dir))
@@ -390,11 +400,42 @@ def init_student_from_teacher(
         "dropped_teacher_weights": dropped,
         "newly_initialized": new_init,
         "weights_source": weights.source,
+        "embedding_init": embedding_init if not copy_mode else "copy",
         "seed": seed,
         "tokenizer_files": tok_files,
     }
     (out_dir / STUDENT_META).write_text(json.dumps(record, indent=2) + "\n")
     return record
+
+
+@torch.no_grad()
+def _pca_embeddings(student: nn.Module, weights: _TeacherWeights, h_teacher: int) -> list[str]:
+    """Teacher embedding tables times P, P = the top principal directions of the token embeddings.
+
+    A narrow student cannot copy the teacher's tables, but most of what they hold survives a
+    projection onto their own principal subspace; the same P maps position and token-type rows so
+    that their sum stays consistent. Returns the student parameter names set.
+    """
+    base = getattr(student, "base_model_prefix", "")
+    keys = set(weights.keys())
+    token_table = student.get_input_embeddings().weight
+    h_student = token_table.shape[1]
+    tables = {}
+    for name, param in student.named_parameters():
+        if param.dim() != 2 or param.shape[1] != h_student or "embed" not in name:
+            continue
+        key = next((k for k in _prefix_variants(name, base) if k in keys), None)
+        if key is not None and tuple(weights.get(key).shape) == (param.shape[0], h_teacher):
+            tables[name] = (param, weights.get(key).float())
+    token_name = next((n for n, (p, _) in tables.items() if p is token_table), None)
+    if token_name is None:
+        raise ValueError("embedding_init='pca': the teacher's token embedding table was not found")
+    table = tables[token_name][1]
+    _, _, vh = torch.linalg.svd(table - table.mean(0), full_matrices=False)
+    proj = vh[:h_student].T  # (h_teacher, h_student)
+    for param, teacher_table in tables.values():
+        param.copy_((teacher_table @ proj).to(param.dtype))
+    return sorted(tables)
 
 
 def _copy_weights(student: nn.Module, weights: _TeacherWeights, chosen: list[int], n_teacher: int):
@@ -512,3 +553,39 @@ def load_student(
         cls = _auto_class(_architecture(config))
         kwargs["trust_remote_code"] = trust_remote_code
     return cls.from_pretrained(str(path), config=config, **kwargs)
+
+
+def with_classification_head(student_dir: str | Path, out_dir: str | Path, num_labels: int, seed: int = 0) -> Path:
+    """A copy of an encoder student with a freshly initialised sequence-classification head.
+
+    TinyBERT's task stage starts from the general-distilled student: the encoder weights (and the
+    layer map in ``kdcache_student.json``) carry over; the pooler and classifier, which the general
+    stage never trained, start from ``seed``. Written once: an existing ``out_dir`` is reused.
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    student_dir, out_dir = Path(student_dir), Path(out_dir)
+    if (out_dir / "config.json").exists():
+        return out_dir
+    torch.manual_seed(seed)
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialised: classifier.*" is the point here
+    try:
+        config = AutoConfig.from_pretrained(str(student_dir), num_labels=num_labels)
+        config.output_hidden_states = config.output_attentions = False
+        model = AutoModelForSequenceClassification.from_pretrained(str(student_dir), config=config,
+                                                                   use_safetensors=True)
+    finally:
+        hf_logging.set_verbosity(level)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    AutoTokenizer.from_pretrained(str(student_dir)).save_pretrained(str(tmp))
+    meta = read_student_meta(student_dir)
+    if meta is not None:
+        # The layer map carries over; the encoder-only init arguments (no pooler) do not.
+        meta.pop("init_kwargs", None)
+        (tmp / STUDENT_META).write_text(json.dumps(meta, indent=2) + "\n")
+    tmp.replace(out_dir)
+    return out_dir

@@ -104,6 +104,7 @@ class TrainConfig:
 
     # -- output --------------------------------------------------------------------------------
     log_every: int = 1  # metrics.jsonl / TensorBoard every N steps
+    student_url: str = ""  # also copy the final student here: a folder or URL (s3://bucket/students/d6)
     progress: bool = True
     tensorboard: bool = True
     check_tokenizer: bool = True  # compare the student's tokenizer fingerprint with the cache's
@@ -189,7 +190,16 @@ class HFStudent(nn.Module):
                               attentions=getattr(out, "attentions", None))
 
     def save(self, folder: Path) -> None:
-        self.model.save_pretrained(str(folder))
+        # Hidden states and attentions were switched on for the losses; the saved student returns
+        # them only on request, like any checkpoint (a config saying output_attentions=True also
+        # fails to load or save under the default SDPA attention).
+        config = self.model.config
+        flags = config.output_hidden_states, config.output_attentions
+        config.output_hidden_states = config.output_attentions = False
+        try:
+            self.model.save_pretrained(str(folder))
+        finally:
+            config.output_hidden_states, config.output_attentions = flags
 
 
 def _import(spec: str) -> Callable:
@@ -1082,6 +1092,10 @@ def _finish(cfg: TrainConfig, plan: RunPlan, c: Components, out: Path, step: int
                                                        default=str) + "\n")
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)
+    if cfg.student_url:  # on a cluster rank 0's local disk is any node's: object storage is where it is found
+        from storage.fs import upload_folder
+
+        summary["student_url"] = upload_folder(dest, cfg.student_url, last="kdcache_train.json")
     return summary
 
 
@@ -1100,7 +1114,7 @@ def normalize(cfg: TrainConfig) -> TrainConfig:
         raise ValueError("kdcache train needs --out (the run folder)")
     if _is_url(cfg.out):
         raise ValueError("--out must be a local (or mounted shared) folder; put checkpoints on object storage "
-                         "with --storage-path")
+                         "with --storage-path, and the final student with student_url=s3://...")
     changes: dict[str, Any] = {"out": str(Path(cfg.out).resolve())}
     for name in ("cache", "student"):
         value = getattr(cfg, name)
@@ -1126,6 +1140,15 @@ def _latest_state(cfg: TrainConfig) -> tuple[dict | None, str]:
     roots = [Path(cfg.out) / "checkpoints"] if cfg.no_ray else (
         [] if _is_url(cfg.storage_path) else [Path(cfg.storage_path) / cfg.run_name])
     for root in roots:
+        if not cfg.no_ray:
+            # Ray Train resumes from the checkpoint its snapshot names; a folder written but not yet registered
+            # when the driver was killed is not resumed from, so it must not be reported (or checked) as the one.
+            try:
+                snapshot = json.loads((root / "checkpoint_manager_snapshot.json").read_text())
+                state = root / snapshot["latest_checkpoint_result"]["checkpoint_dir_name"] / "state.json"
+                return json.loads(state.read_text()), str(state.parent)
+            except (OSError, ValueError, KeyError, TypeError):
+                return None, ""
         found = sorted(root.glob("step-*/state.json")) if root.exists() else []
         if found:
             return json.loads(found[-1].read_text()), str(found[-1].parent)

@@ -22,6 +22,7 @@ TRAIN_FLAGS = [
     ("--seed", int, "seed for initialisation, dropout and the shard shuffle"),
     ("--workers", int, "Ray Train workers (each reads its own shards)"),
     ("--storage-path", str, "where Ray Train keeps checkpoints: folder or URL (default <out>/ray)"),
+    ("--student-url", str, "also copy the final student here (folder or URL, e.g. s3://bucket/students/d6)"),
     ("--run-name", str, "Ray Train run name (default: derived from --out; the same name resumes)"),
     ("--checkpoint-every", int, "checkpoint every N steps (the last step always)"),
     ("--max-failures", int, "worker failures to recover from, restarting at the last checkpoint"),
@@ -100,7 +101,8 @@ def cmd_init_student(args) -> int:
     record = init_student_from_teacher(args.teacher, args.out, layers=layers, num_layers=args.num_layers,
                                        hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
                                        num_heads=args.num_heads, trust_remote_code=args.trust_remote_code,
-                                       allow_pickle=args.allow_pickle, seed=args.seed)
+                                       allow_pickle=args.allow_pickle, seed=args.seed,
+                                       embedding_init=args.embedding_init)
     if args.json:
         print_json(record)
     else:
@@ -132,6 +134,9 @@ def register(subparsers) -> None:
     s.add_argument("--allow-pickle", action="store_true",
                    help="accept pickle (.bin) teacher weights, loaded with weights_only=True")
     s.add_argument("--seed", type=int, default=0, help="seed for randomly initialised weights")
+    s.add_argument("--embedding-init", choices=("random", "pca"), default="random",
+                   help="narrower student: embedding tables random, or the teacher's projected onto their top "
+                        "principal directions (pca)")
     s.add_argument("--json", action="store_true", help="print the student record as one JSON object (last line)")
     s.set_defaults(func=cmd_init_student)
 
@@ -141,10 +146,17 @@ def register(subparsers) -> None:
 
 
 def register_bench(bench_subparsers) -> None:
-    """Add `bench train` to the `kdcache bench` subcommands."""
+    """Add `bench train` and `bench quality` to the `kdcache bench` subcommands."""
     from pipeline.bench.train import add_arguments
 
     s = bench_subparsers.add_parser("train", help="cache-path overhead, cached vs online KD, reader vs trainer "
                                                   "throughput, streaming memory, Ray Train start-up")
     add_arguments(s)
     s.set_defaults(func=cmd_bench_train)
+
+    from pipeline.bench import quality
+
+    s = bench_subparsers.add_parser("quality", help="eval KL to the teacher: a student trained from the cache vs "
+                                                    "the same student trained with online KD")
+    quality.add_arguments(s)
+    s.set_defaults(func=quality.run)

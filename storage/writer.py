@@ -9,7 +9,9 @@ A crash at any point leaves committed shards intact and nothing partial under a 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import io
 import json
 from dataclasses import asdict, dataclass
@@ -21,13 +23,50 @@ import pyarrow.parquet as pq
 
 from .checksum import HashingWriter
 from .columns import to_record_batch
-from .errors import CacheExistsError, ManifestError
+from .errors import CacheError, CacheExistsError, ManifestError
 from .fs import TMP_PREFIX, Location
 from .manifest import INTENT, MANIFEST, SHARD_DIR, Header, Manifest, ShardInfo, read_manifest, shard_name, write_manifest
 from .schema import CacheSpec, build_schema
 
 
 DAMAGED = Header.__new__(Header)  # sentinel: something is there but cannot be read
+
+
+class CacheWriteError(CacheError, OSError):
+    """The storage refused a write (disk or quota full, no permission, read-only...). The message names
+    the file and says what to do; `errno` is the operating system's. Nothing partial is left under a final
+    name (a temporary file that could not be removed is ignored by readers and removed by the next pass)."""
+
+
+_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}  # EFBIG: over a file-size limit (ulimit -f)
+_DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def write_error(exc: OSError, what: str) -> CacheWriteError:
+    """A clear CacheWriteError for an OSError raised while writing `what` (a path for messages)."""
+    code = exc.errno
+    name = errno.errorcode.get(code, "") if code is not None else ""
+    reason = f"{exc.strerror or exc} ({name})" if name else str(exc)
+    if code in _FULL:
+        hint = "the disk, your quota or the file-size limit is full: free space or choose another --out"
+    elif code in _DENIED:
+        hint = "this process may not write there: fix the permissions or choose another --out"
+    else:
+        hint = "check the storage and re-run"
+    message = (f"cannot write {what}: {reason}; {hint}. Shards already committed are kept and stay valid; "
+               "re-running the same command resumes from them")
+    return CacheWriteError(code, message) if code is not None else CacheWriteError(message)
+
+
+@contextlib.contextmanager
+def writing(what: str):
+    """Turn an OSError raised by the storage inside the block into a CacheWriteError naming `what`."""
+    try:
+        yield
+    except CacheError:
+        raise
+    except OSError as exc:
+        raise write_error(exc, what) from exc
 
 
 @dataclass(frozen=True)
@@ -103,10 +142,12 @@ class ShardWriter:
         self.loc, self.index, self.spec = loc, index, spec
         self.options = options or WriteOptions()
         self.name = shard_name(index)
+        self.display = loc.display(SHARD_DIR, self.name)
         self.schema = build_schema(spec)
-        loc.makedirs(SHARD_DIR)
         self._temp = loc.temp_name(self.name)
-        self._raw = loc.open(SHARD_DIR, self._temp, mode="wb")
+        with writing(self.display):
+            loc.makedirs(SHARD_DIR)
+            self._raw = loc.open(SHARD_DIR, self._temp, mode="wb")
         self._hashing = HashingWriter(self._raw)
         self._pq = pq.ParquetWriter(self._hashing, self.schema,
                                     **parquet_writer_kwargs(spec, self.schema, self.options))
@@ -123,7 +164,8 @@ class ShardWriter:
         """Append an encoded batch as one Parquet row group (calls must come in row order)."""
         if rb.num_rows == 0:
             return
-        self._pq.write_batch(rb)
+        with writing(self.display):
+            self._pq.write_batch(rb)
         ids = rb.column("sample_id").to_numpy()
         self.first_id = int(ids.min()) if self.first_id is None else min(self.first_id, int(ids.min()))
         self.last_id = int(ids.max()) if self.last_id is None else max(self.last_id, int(ids.max()))
@@ -140,9 +182,10 @@ class ShardWriter:
             self.abort()
             raise ValueError(f"shard {self.name}: no rows were written; an empty shard is never committed")
         try:
-            self._pq.close()
-            self._raw.close()
-            self.loc.commit(self._temp, self.name, SHARD_DIR)
+            with writing(self.display):
+                self._pq.close()
+                self._raw.close()
+                self.loc.commit(self._temp, self.name, SHARD_DIR)
         except BaseException:
             self.abort()
             raise
@@ -150,7 +193,9 @@ class ShardWriter:
         info = ShardInfo(file=f"{SHARD_DIR}/{self.name}", index=self.index, rows=self.rows, tokens=self.tokens,
                          bytes=self._hashing.size, checksum=self._hashing.digest,
                          sample_id_first=self.first_id, sample_id_last=self.last_id)
-        self.loc.write_text_atomic(marker_name(self.index), json.dumps(asdict(info)) + "\n", SHARD_DIR)
+        # Without its marker the shard is not committed: a re-run writes it again.
+        with writing(self.loc.display(SHARD_DIR, marker_name(self.index))):
+            self.loc.write_text_atomic(marker_name(self.index), json.dumps(asdict(info)) + "\n", SHARD_DIR)
         return info
 
     def abort(self) -> None:
@@ -163,7 +208,10 @@ class ShardWriter:
                 closer()
             except Exception:  # already failing: the original error is the one to report
                 pass
-        self.loc.remove(SHARD_DIR, self._temp)
+        try:
+            self.loc.remove(SHARD_DIR, self._temp)
+        except OSError:  # e.g. the directory became read-only: the temp stays, ignored, and the next pass removes it
+            pass
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -225,9 +273,10 @@ class CacheWriter:
             if self.loc.exists(MANIFEST):
                 self.complete = read_manifest(self.loc)
                 return
-        self.loc.makedirs()
-        self.loc.makedirs(SHARD_DIR)
-        self._write_intent()
+        with writing(self.loc.display(INTENT)):
+            self.loc.makedirs()
+            self.loc.makedirs(SHARD_DIR)
+            self._write_intent()
         self.clean_temps()
 
     def _write_intent(self) -> None:
@@ -286,6 +335,7 @@ class CacheWriter:
             if missing:
                 raise ManifestError(f"cannot commit {self.loc.display()}: shards {missing[:10]} of {expected_shards} "
                                     "are not written yet; re-run the pass to finish them")
-        manifest = write_manifest(self.loc, self.header, list(shards.values()))
+        with writing(self.loc.display(MANIFEST)):
+            manifest = write_manifest(self.loc, self.header, list(shards.values()))
         self.complete = manifest
         return manifest

@@ -142,7 +142,7 @@ def online_targets(teacher, batch: dict, k: int, last_layer: int, masked: bool) 
             h_m = hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1]))
             logp = torch.log_softmax(teacher.cls(h_m).float(), -1)  # [B, M, V]
         top_lp, top_ids = torch.topk(logp, k, dim=-1)
-        tail = torch.log(-torch.expm1(torch.logsumexp(top_lp, -1)).clamp(min=0)).clamp(min=-1e4)
+        tail = torch.log(-torch.expm1(torch.logsumexp(top_lp, -1)).clamp(max=0)).clamp(min=-1e4)  # log(1 - mass)
         if masked:  # back to [B, T, ...], where the masked KD loss gathers them
             B, T = ids.shape
             full_ids = torch.zeros(B, T, k, dtype=top_ids.dtype)

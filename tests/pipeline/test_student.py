@@ -296,3 +296,48 @@ def test_checkpoint_missing_block_weights_errors(tmp_path):
     save_file(sd, str(tdir / "model.safetensors"))
     with pytest.raises(ValueError, match="no weights"):
         init_student_from_teacher(tdir, tmp_path / "s", layers=[0, 2])
+
+
+def test_pca_embedding_init_projects_every_table_with_one_basis(tmp_path):
+    from transformers import AutoModel
+
+    teacher, tdir = _teacher("BertModel", tmp_path)
+    rec = init_student_from_teacher(tdir, tmp_path / "s", hidden_size=16, num_heads=2, num_layers=2,
+                                    embedding_init="pca")
+    assert rec["embedding_init"] == "pca" and "word_embeddings" in rec["newly_initialized"][0]
+    s = AutoModel.from_pretrained(str(tmp_path / "s")).embeddings
+    t = teacher.embeddings
+    tok_t, tok_s = t.word_embeddings.weight.detach(), s.word_embeddings.weight.detach()
+    # One linear map P (32 -> 16) explains the token table exactly and is orthonormal ...
+    proj = torch.linalg.lstsq(tok_t, tok_s).solution
+    torch.testing.assert_close(tok_t @ proj, tok_s, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(proj.T @ proj, torch.eye(16), atol=1e-4, rtol=1e-4)
+    # ... the same P maps the position table, and it keeps the most variance any 16 directions can.
+    torch.testing.assert_close(t.position_embeddings.weight.detach() @ proj, s.position_embeddings.weight.detach(),
+                               atol=1e-4, rtol=1e-4)
+    centred = tok_t - tok_t.mean(0)
+    kept = (centred @ proj).pow(2).sum() / centred.pow(2).sum()
+    best = torch.linalg.svdvals(centred)[:16].pow(2).sum() / centred.pow(2).sum()
+    assert abs(float(kept - best)) < 1e-4
+    with pytest.raises(ValueError, match="embedding_init"):
+        init_student_from_teacher(tdir, tmp_path / "x", hidden_size=16, num_heads=2, embedding_init="glove")
+
+
+def test_classification_head_on_an_encoder_student(tmp_path):
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    from pipeline.student import read_student_meta, with_classification_head
+
+    _, tdir = _teacher("BertModel", tmp_path)
+    init_student_from_teacher(tdir, tmp_path / "enc", hidden_size=16, num_heads=2, num_layers=2)
+    out = with_classification_head(tmp_path / "enc", tmp_path / "clf", num_labels=3)
+    clf = AutoModelForSequenceClassification.from_pretrained(str(out))
+    enc = AutoModel.from_pretrained(str(tmp_path / "enc"))
+    assert clf.config.num_labels == 3 and clf.classifier.out_features == 3
+    for k, v in _sd(enc).items():
+        if not k.startswith("pooler"):
+            torch.testing.assert_close(_sd(clf.bert)[k], v, rtol=0, atol=0)
+    meta = read_student_meta(out)
+    assert meta["hidden_layer_map"] == read_student_meta(tmp_path / "enc")["hidden_layer_map"]
+    assert "init_kwargs" not in meta  # the encoder's "no pooler" would break the classifier's constructor
+    load_student(out, output_hidden_states=True, output_attentions=True)  # what kdcache train does
