@@ -112,8 +112,9 @@ class TrainConfig:
     student_factory: str | None = None  # "module:function" -> nn.Module, called with the config dict
 
     # -- test hooks (inert by default) ---------------------------------------------------------
-    # raise on rank `fail_rank` just before each of these steps, once per --out (Ray Train's restart path)
-    fail_at_step: list[int] = field(default_factory=list)
+    # fail on rank `fail_rank` just before each of these steps, once per --out (Ray Train's restart path):
+    # "5" raises, "5:kill" SIGKILLs the worker process
+    fail_at_step: list[str] = field(default_factory=list)
     fail_rank: int = 0
     log_samples: bool = False  # write <out>/samples/rank-R.jsonl: the sample ids of every step
 
@@ -878,15 +879,22 @@ def _keep_until(path: Path, step: int) -> None:
 
 
 def _maybe_fail(cfg: TrainConfig, step: int, rank: int) -> None:
-    """Test hook `fail_at_step` (e.g. `fail_at_step=5,8`): each fires once per run folder (a marker file
-    remembers it), so the attempt that resumes past it does not fail again."""
-    if rank != cfg.fail_rank or step not in {int(s) for s in cfg.fail_at_step or []}:
+    """Test hook `fail_at_step` (e.g. `fail_at_step=5:kill,8`): before step 5 the worker process is
+    SIGKILLed (as by the OOM killer or a lost node), before step 8 it raises. Each fires once per run
+    folder (a marker file remembers it), so the attempt that resumes past it does not fail again."""
+    wanted = dict(f"{s}:raise".split(":")[:2] for s in map(str, cfg.fail_at_step or []))
+    kind = wanted.get(str(step))
+    if rank != cfg.fail_rank or kind is None:
         return
     marker = Path(cfg.out) / f".fail-at-step-{step}-rank-{rank}"
     try:
         os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError:
         return
+    if kind == "kill":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
     raise RuntimeError(f"injected failure before step {step} on rank {rank} (fail_at_step)")
 
 

@@ -127,6 +127,11 @@ def test_s3_urls_stream_through_fsspec(monkeypatch):
             ("bee", "s3://corpus-bucket/d/b.jsonl.zst:0"), ("see", "s3://corpus-bucket/d/c.csv.bz2:0")]
     finally:
         server.stop()
+        # fsspec caches filesystem instances by their arguments, not by the AWS_* environment: a
+        # later test's server on another port must not be reached through this one's client.
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()
 
 
 # ---------------------------------------------------------------------------

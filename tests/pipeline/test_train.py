@@ -344,8 +344,9 @@ def test_ray_two_workers_checkpoint(setup, reference_run):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_ray_failures_resume_exactly(setup, reference_run, capsys):
-    """A worker fails after the step-3 checkpoint: Ray Train restarts the group from it (max_failures=1).
-    A second failure, after the step-6 checkpoint, exhausts max_failures and the command fails;
+    """A worker process is SIGKILLed after the step-3 checkpoint: Ray Train restarts the group from it
+    (max_failures=1). A second failure (an exception), after the step-6 checkpoint, exhausts
+    max_failures and the command fails;
     running the same command again resumes from step 6. Losses and rows equal the uninterrupted run's."""
     from pipeline.train_cli import register
 
@@ -356,7 +357,7 @@ def test_ray_failures_resume_exactly(setup, reference_run, capsys):
     argv = ["train", "--recipe", "distilbert", "--cache", str(setup / "cache"), "--student", str(setup / "student"),
             "--out", str(run), "--workers", "2", "--steps", str(ref_cfg.steps), "--batch-size", str(BATCH),
             "--checkpoint-every", "3", "--max-failures", "1", "--no-progress", "--json", "warmup_ratio=0",
-            "lr=2e-3", "log_samples=true", "tensorboard=false", "fail_at_step=5,8", "fail_rank=1"]
+            "lr=2e-3", "log_samples=true", "tensorboard=false", "fail_at_step=5:kill,8", "fail_rank=1"]
     args = parser.parse_args(argv)
     assert args.func(args) == 1  # the second failure is one more than max_failures allows
     assert "re-run the same command" in capsys.readouterr().err

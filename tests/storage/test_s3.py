@@ -27,10 +27,15 @@ BUCKET = "kdcache-test"
 def s3(tmp_path_factory):
     """The server's endpoint; AWS_* variables point every client in this process (and the Ray
     clusters it starts) at it for the module's duration."""
+    import s3fs
+
     with moto_server(tmp_path_factory.mktemp("moto")) as endpoint:
         env = s3_env(endpoint)
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
+        # fsspec caches clients by their arguments, not by the AWS_* environment: one made by an
+        # earlier test (another endpoint) must not be reused.
+        s3fs.S3FileSystem.clear_instance_cache()
         try:
             make_bucket(endpoint, BUCKET)
             yield endpoint
@@ -40,6 +45,7 @@ def s3(tmp_path_factory):
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
+            s3fs.S3FileSystem.clear_instance_cache()
 
 
 @pytest.fixture(scope="module")
