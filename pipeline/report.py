@@ -33,8 +33,12 @@ def plot_curves(runs: dict[str, str | Path], path: Path) -> list[str]:
     for ax, (name, rows) in zip(axes[0], series.items()):
         keys = sorted({k for r in rows for k in r if k.startswith("loss")})
         for key in keys:
-            pts = [(r["step"], r[key]) for r in rows if key in r]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=key, lw=1.2 if key == "loss" else 0.9)
+            steps = [r["step"] for r in rows if key in r]
+            vals = [r[key] for r in rows if key in r]
+            window = max(1, len(vals) // 50)  # a running mean: per-step losses of small batches are noisy
+            smooth = [sum(vals[max(0, i - window + 1):i + 1]) / len(vals[max(0, i - window + 1):i + 1])
+                      for i in range(len(vals))]
+            ax.plot(steps, smooth, label=key, lw=1.2 if key == "loss" else 0.9)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("step")
         ax.set_yscale("log")

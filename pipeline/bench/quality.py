@@ -212,7 +212,7 @@ def measure_quality(teacher_dir: str, train_texts: list[str], eval_texts: list[s
     # -- 1. the normal teacher pass over the training text ------------------------------------------
     cache = str(work / "cache")
     t0 = time.perf_counter()
-    cache_summary = run_cache_pass(CacheConfig(
+    run_cache_pass(CacheConfig(
         teacher=teacher_dir, corpus=[write_jsonl(work / "train.jsonl", train_texts)], out=cache, mode="pack",
         max_length=seq_len, top_k=top_k, batch_size=batch_size, max_sequences=train_sequences, executor="local",
         # The calibration only reorders ids for compression (lossless): not worth its teacher forwards here.
