@@ -199,7 +199,7 @@ def cmd_eval(args) -> int:
     print(Path(flat["report"]).read_text().split("## Plots")[0].rstrip())
     print(f"\nreport: {flat['report']}")
     if args.json:
-        print_json({k: v for k, v in flat.items() if k != "models"} | {"models": flat["models"]})
+        print_json(flat)
     return 0
 
 

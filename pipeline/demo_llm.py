@@ -68,16 +68,6 @@ def split_extracts(extracts_json: Path) -> tuple[list[dict], list[dict]]:
     return train, heldout
 
 
-def _write_jsonl_once(path: Path, records: list[dict]) -> None:
-    """Written once (temp file + rename): the cache fingerprints name this file, so it must not change."""
-    if path.exists():
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    os.replace(tmp, path)
-
-
 # --------------------------------------------------------------------------------------------- #
 # cache figures
 # --------------------------------------------------------------------------------------------- #
@@ -215,6 +205,7 @@ def run_llm_demo(quick: bool, out: str | None, log: Callable[[str], None] = prin
     from pipeline.executor import init_ray
     from pipeline.lm_eval import compare_latency, count_params, nll, pack_texts
     from pipeline.student import init_student_from_teacher
+    from pipeline.tasks import write_jsonl
     from pipeline.train import load_train_config, train
     from storage.verify import verify_cache
 
@@ -239,8 +230,10 @@ def run_llm_demo(quick: bool, out: str | None, log: Callable[[str], None] = prin
 
     train_docs, heldout_docs = split_extracts(assets.wiki_extracts_json())
     corpus = root / "corpus" / "train.jsonl"
-    _write_jsonl_once(corpus, train_docs)
-    _write_jsonl_once(root / "corpus" / "heldout.jsonl", heldout_docs)
+    # Written once: the cache fingerprints name these files, so they must not change under a re-run.
+    for path, docs in ((corpus, train_docs), (root / "corpus" / "heldout.jsonl", heldout_docs)):
+        if not path.exists():
+            write_jsonl(path, docs)
 
     started_ray = False
 

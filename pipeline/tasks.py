@@ -49,10 +49,14 @@ def rotten_tomatoes_examples(csv_path: Path) -> Iterator[dict]:
             yield {"text": text, "label": label}
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    """One JSON object per line, written to a temporary name and renamed: a reader (or a cache
+    fingerprint) never sees half a file. Returns the path as a string."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     tmp.replace(path)
+    return str(path)
 
 
 def read_jsonl(path: Path | str) -> list[dict]:

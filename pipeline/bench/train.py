@@ -230,6 +230,7 @@ def run(args) -> int:
     from transformers.utils import logging as hf_logging
 
     from pipeline.cache_pass import CacheConfig, run_cache_pass
+    from pipeline.cli import print_json
     from pipeline.student import init_student_from_teacher
     from pipeline.train import (RankStream, build_components, load_train_config, plan_run, step_seed, to_device,
                                 train_step)
@@ -395,8 +396,7 @@ def run(args) -> int:
         print(f"Ray Train start-up (fit() -> first batch)         {ray_startup:.1f}s (+ ray.init {ray_init_s:.1f}s)")
     print("step medians: " + ", ".join(f"{k} {v:.3f}s" for k, v in result["step_s"].items()))
     if args.json:
-        sys.stdout.flush()
-        print(json.dumps(result, sort_keys=True, default=str), flush=True)
+        print_json(result)
     return 0
 
 
