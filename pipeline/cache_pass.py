@@ -51,7 +51,7 @@ class CacheConfig:
     batch_size: int = 32
     actors: int = 0  # 0 = one per GPU, or 1 on a machine without GPUs
     gpus_per_actor: float = 1.0
-    cpus_per_actor: float = 1.0
+    cpus_per_actor: float = 0.0  # 0 = auto: a CPU actor gets its share of the cluster's CPUs, a GPU actor 1
     shard_tokens: int = 0  # 0 = auto: about 256 MB per shard
     text_field: str = "text"
     label_field: str | None = None
@@ -355,6 +355,10 @@ class ShardProcessor:
                          attention_layers=spec.attention_layers, attention_dtype=spec.attention_dtype,
                          task_logits=spec.num_labels > 0, seed=prep.cfg.seed, vocab_size=spec.vocab_size)
         self.runner = TeacherRunner(model, kind, out, teacher_options_from(prep.cfg))
+        if self.runner.device.type == "cpu":
+            from .allocator import tune_this_process
+
+            tune_this_process()
         self.loc = Location.parse(out_url, storage_options)
         self.options = WriteOptions(zstd_level=prep.cfg.zstd_level)
         self.forward_calls = 0
@@ -575,6 +579,7 @@ def run_cache_pass(cfg: CacheConfig, *, executor: str | None = None, storage_opt
             log(f"fitted the {prep.spec.topk_codec} top-k codec on the teacher's top-k of {len(ids):,} tokens")
         t0 = time.perf_counter()  # teachers are loaded and calibrated: from here on it is the steady-state rate
         ex.run(todo(), on_done)
+        elapsed = time.perf_counter() - t0  # to the last shard committed: not the actors' or the cluster's shutdown
     finally:
         source.close()
         ex.close()
@@ -584,7 +589,6 @@ def run_cache_pass(cfg: CacheConfig, *, executor: str | None = None, storage_opt
         raise ValueError(f"the corpus {cfg.corpus} produced no sequence (every document empty, or shorter than "
                          f"one --max-length {cfg.max_length} sequence in pack mode)")
     manifest = writer.commit(expected_shards=n_shards)
-    elapsed = time.perf_counter() - t0
     summary.update(shards_total=n_shards, shards_written=counts["written"], shards_skipped=counts["skipped"],
                    tokens_written=counts["tokens"], tokens_total=manifest.tokens, bytes_total=manifest.bytes,
                    forward_calls=ex.forward_calls, seconds=time.perf_counter() - started,

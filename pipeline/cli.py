@@ -90,7 +90,8 @@ CACHE_FLAGS = [  # (flag, type, help); the YAML keys are the same names with und
     ("--batch-size", int, "sequences per teacher forward (default 32)"),
     ("--actors", int, "teacher actors (default: one per GPU, else 1)"),
     ("--gpus-per-actor", float, "GPUs per actor (default 1; fractional allowed)"),
-    ("--cpus-per-actor", float, "CPUs per CPU actor (default 1)"),
+    ("--cpus-per-actor", float, "CPUs per actor (default: beside a GPU 1; CPU actors share the cluster's CPUs, "
+     "at most one node's)"),
     ("--shard-tokens", int, "tokens per shard (default: about 256 MB per shard)"),
     ("--text-field", str, "text field/column of jsonl/json/csv/parquet/datasets corpora (default text)"),
     ("--label-field", str, "label field (examples mode)"),
@@ -285,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--executor", choices=("ray", "local"), default="ray",
                    help="ray: teacher actors (the real pass); local: the same pass in this process")
     s.add_argument("--actors", type=int, default=1)
-    s.add_argument("--cpus-per-actor", type=float, default=2.0)
+    s.add_argument("--cpus-per-actor", type=float, default=0.0, help="default: auto (see kdcache cache)")
     s.add_argument("--shard-tokens", type=int, default=0)
     s.add_argument("--shards-in-flight", type=int, default=0, help="per teacher (default: auto, see kdcache cache)")
     s.add_argument("--device", default="auto")

@@ -66,7 +66,7 @@ def _cache(log, **kw) -> dict[str, Any]:
     from pipeline.cache_pass import CacheConfig, run_cache_pass
     from storage.verify import verify_cache
 
-    summary = run_cache_pass(CacheConfig(batch_size=32, actors=1, cpus_per_actor=2, progress=True, **kw), log=log)
+    summary = run_cache_pass(CacheConfig(batch_size=32, actors=1, progress=True, **kw), log=log)
     problems, _ = verify_cache(kw["out"])
     if problems:
         raise RuntimeError(f"the demo cache {kw['out']} failed verification:\n" + "\n".join(map(str, problems)))

@@ -97,6 +97,16 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> bool:
     return True
 
 
+def _cpu_share(actors: int) -> float:
+    """CPUs per CPU actor when not given: an equal share of the cluster's CPUs (a 2-core machine's
+    one actor gets both: its forward runs on as many threads), at most one node's, at least 1."""
+    import ray
+
+    node_cpus = [node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")]
+    share = sum(node_cpus) // max(actors, 1)
+    return float(max(1, min(share, max(node_cpus, default=1))))
+
+
 def _actor_class():
     import ray
 
@@ -123,8 +133,11 @@ def _actor_class():
             self.processor.set_spec(spec)
 
         def stats(self) -> dict[str, Any]:
+            import torch
+
             return {"pid": os.getpid(), "forward_calls": self.processor.forward_calls,
-                    "node": __import__("ray").get_runtime_context().get_node_id()}
+                    "node": __import__("ray").get_runtime_context().get_node_id(), "threads": torch.get_num_threads(),
+                    "malloc_tuned": os.environ.get("MALLOC_ARENA_MAX") == "1"}
 
     return TeacherActor
 
@@ -141,14 +154,15 @@ class RayExecutor:
         gpus = ray.cluster_resources().get("GPU", 0)
         use_gpu = gpus > 0 and cfg.device in ("auto", "cuda")
         n = cfg.actors or (int(gpus // cfg.gpus_per_actor) if use_gpu else 1)
-        self.resources = ({"num_gpus": cfg.gpus_per_actor, "num_cpus": min(cfg.cpus_per_actor, 1.0)} if use_gpu
-                          else {"num_cpus": cfg.cpus_per_actor})
         cpus = ray.cluster_resources().get("CPU", 1)
-        if not use_gpu and n * cfg.cpus_per_actor > cpus:
+        per_actor = cfg.cpus_per_actor or (1.0 if use_gpu else _cpu_share(n))
+        self.resources = ({"num_gpus": cfg.gpus_per_actor, "num_cpus": min(per_actor, 1.0)} if use_gpu
+                          else {"num_cpus": per_actor})
+        if not use_gpu and n * per_actor > cpus:
             # Asking for more CPUs than exist would leave actors pending forever (RAY_NOTES).
-            raise ValueError(f"{n} CPU actors x {cfg.cpus_per_actor} CPUs exceed the cluster's {cpus:g} CPUs; lower "
+            raise ValueError(f"{n} CPU actors x {per_actor:g} CPUs exceed the cluster's {cpus:g} CPUs; lower "
                              "--actors or --cpus-per-actor")
-        self.threads = max(1, int(cfg.cpus_per_actor))
+        self.threads = max(1, int(per_actor))  # a CPU teacher's forward threads
         from .cache_pass import auto_shards_in_flight
 
         # Shards per actor at once; beside a GPU, sized by the CPUs there are per GPU.
@@ -181,6 +195,10 @@ class RayExecutor:
     def _new_actor(self):
         # Fault-injection switches (pipeline/faults.py) follow the driver into the actors.
         env = {k: v for k, v in os.environ.items() if k.startswith("KDCACHE_FAULTS")}
+        if "num_gpus" not in self.resources:  # a CPU teacher: its forwards reuse freed memory (allocator.py)
+            from .allocator import worker_env
+
+            env.update(worker_env())
         options = dict(self.resources, max_concurrency=self.slots)
         if env:
             options["runtime_env"] = {"env_vars": env}

@@ -43,6 +43,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from . import allocator
+
 # --------------------------------------------------------------------------------------------- #
 # config
 # --------------------------------------------------------------------------------------------- #
@@ -921,6 +923,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             device = torch.device("cuda")
     else:
         device = torch.device("cpu")
+        if not in_ray:  # Ray Train workers start with the settings in their environment
+            allocator.tune_this_process()
     out = Path(cfg.out)
 
     plan = plan_run(cfg, check_tokenizer=False)  # the driver already compared tokenizers
@@ -1056,6 +1060,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         summary = _finish(cfg, plan, c, out, step, resumed_from, last_metrics, timings)
         summary["loop_started_at"] = loop_started
         summary["first_batch_at"] = first_batch_at
+        summary["malloc_tuned"] = device.type == "cpu" and allocator.tuned()
         (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     return summary
 
@@ -1212,6 +1217,8 @@ def _fit_with_ray(cfg: TrainConfig, plan: RunPlan, log) -> dict[str, Any]:
     try:
         cpus = auto_cpus_per_worker(cfg)
         resources = {"CPU": cpus} | ({"GPU": 1} if cfg.use_gpu else {})
+        # CPU workers reuse freed memory instead of faulting it in every step (allocator.py: ~10% per step).
+        worker_env = {} if cfg.use_gpu else allocator.worker_env()
         trainer = TorchTrainer(
             train_loop,
             train_loop_config=dataclasses.asdict(cfg),
@@ -1219,7 +1226,8 @@ def _fit_with_ray(cfg: TrainConfig, plan: RunPlan, log) -> dict[str, Any]:
             scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
             run_config=RunConfig(name=cfg.run_name, storage_path=cfg.storage_path,
                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints or None),
-                                 failure_config=FailureConfig(max_failures=cfg.max_failures)),
+                                 failure_config=FailureConfig(max_failures=cfg.max_failures),
+                                 worker_runtime_env={"env_vars": worker_env} if worker_env else None),
         )
         log(f"Ray Train: {cfg.workers} worker(s) x {resources}, run {cfg.run_name} in {cfg.storage_path}")
         t0 = time.time()

@@ -5,7 +5,7 @@
 #   OUT=/tmp/gpu bash pipeline/bench/gpu_check.sh     (TOKENS=... DEVICE=... SHARDS=... to change)
 # Each case prints three rates: the bare loop, the teacher runner alone (forward + top-k + codecs on
 # the GPU + copy to host, one batch at a time) and the full pass; host.log has the host pipeline
-# alone (no forward), i.e. the ceiling the CPUs set.
+# alone (no forward), i.e. the ceiling the CPUs set; runner_profile_*.log split one batch's device time.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/kdcache-gpu}
@@ -25,6 +25,13 @@ $PY -m pytest -q -p no:cacheprovider tests/storage/test_codecs.py -k "torch or p
   | tee "$OUT/device_encoding.log"
 # The tests that need CUDA (deselected on CPU machines): training on the GPU with checkpoint/resume.
 $PY -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -3 | tee "$OUT/gpu_tests.log"
+# Where one batch's device time goes (forward, normaliser + top-k, codecs, copy): the first thing to
+# read when the runner rate falls short of the bare loop.
+for hidden in none 0,6,12; do
+  echo "== runner profile, hidden layers $hidden"
+  $PY -m pipeline.bench.runner_profile --device "$DEVICE" --batch-size "$BATCH" --hidden-layers "$hidden" --json \
+    2>&1 | grep -v -E "Warning|warn\(" | tee "$OUT/runner_profile_${hidden//,/-}.log" | tail -8
+done
 run() {  # name, extra flags...
   local name=$1; shift
   echo "== $name"

@@ -106,7 +106,7 @@ def test_cache_rayjob_runs_one_teacher_actor_per_gpu():
     # Each actor takes a CPU beside its GPU: the pods must have at least one CPU per GPU.
     for g in groups:
         cpus = sum(float(c["resources"]["limits"]["cpu"]) for c in _containers(g["template"]))
-        assert cpus >= _group_gpus(g) * min(cfg.cpus_per_actor, 1.0)
+        assert cpus >= _group_gpus(g) * min(cfg.cpus_per_actor or 1.0, 1.0)
 
 
 def test_train_rayjob_workers_fit_the_gpus_and_outputs_are_shared():

@@ -74,3 +74,21 @@ def test_application_error_is_not_retried(ray_cluster, tmp_path, teacher, monkey
     cfg = _cfg(tmp_path, teacher)
     with pytest.raises(ShardFailed, match=r"shard 0 failed: RuntimeError: injected failure in shard 0.*not retried"):
         run_cache_pass(cfg, log=lambda *_: None)
+
+
+def test_default_cpu_actor_takes_the_clusters_cpus_and_a_tuned_allocator(ray_cluster, tmp_path, teacher):
+    """`kdcache cache` on a CPU machine without --actors/--cpus-per-actor: one actor whose forward
+    runs on every CPU of the (2-CPU) cluster, in a process started with the allocator settings."""
+    import dataclasses
+
+    from pipeline.cache_pass import prepare
+    from pipeline.executor import RayExecutor
+
+    cfg = dataclasses.replace(_cfg(tmp_path, teacher), actors=0, cpus_per_actor=0.0)
+    ex = RayExecutor(prepare(cfg), cfg.out)
+    try:
+        (stats,) = ex.actor_stats()
+        assert stats["threads"] == 2 and stats["malloc_tuned"]
+        assert ex.resources == {"num_cpus": 2.0}
+    finally:
+        ex.close()
