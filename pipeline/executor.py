@@ -98,13 +98,21 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> bool:
 
 
 def _cpu_share(actors: int) -> float:
-    """CPUs per CPU actor when not given: an equal share of the cluster's CPUs (a 2-core machine's
-    one actor gets both: its forward runs on as many threads), at most one node's, at least 1."""
+    """CPUs per CPU actor when not given: the largest whole number with which every actor fits on
+    some node (a 2-core machine's one actor gets both, and its forward runs on as many threads), at
+    least 1."""
     import ray
 
-    node_cpus = [node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")]
-    share = sum(node_cpus) // max(actors, 1)
-    return float(max(1, min(share, max(node_cpus, default=1))))
+    node_cpus = [int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node.get("Alive")]
+    return float(cpu_share(node_cpus, actors))
+
+
+def cpu_share(node_cpus: list[int], actors: int) -> int:
+    """Largest s >= 1 with sum(cpus // s) >= actors: `actors` actors of s CPUs each fit on these nodes."""
+    for share in range(max(node_cpus, default=1), 1, -1):
+        if sum(c // share for c in node_cpus) >= actors:
+            return share
+    return 1
 
 
 def _actor_class():

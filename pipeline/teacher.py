@@ -276,16 +276,19 @@ class TeacherRunner:
             out.update(self.dense_columns(name, x, form, encode=codec is not None))
         return out
 
+    @torch.inference_mode()
     def topk_logprobs(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k ids and their float32 log-probs, [..., k] each.
+        """Top-k ids and their float32 log-probs, [..., k] each. On a CPU it writes the runner's one
+        scratch buffer: callers hold `self._lock` (as `__call__` does) or run single-threaded.
 
         The normaliser is always float32 (bf16 would put ~1e-2 error into every log-prob). On a GPU,
         the fused kernel that reads bf16 logits and writes float32 log-probs in one pass, and top-k on
         the raw logits (same order, half the bytes). On a CPU, blocks of rows through one reused
         buffer: a fresh [B, T, V] float32 tensor per batch costs more in page faults than the
         log-softmax itself, and a block that stays in cache is read again by top-k almost for free
-        (measured on 2 cores, 2,048 tokens × 30,522: 86 ms, against 190 ms for top-k + logsumexp on
-        the whole tensor, beside a 1.5 s BERT-base forward).
+        (measured on 2 cores, 2,048 tokens × 30,522 of random logits: 86 ms, against 190 ms for top-k +
+        logsumexp on the whole tensor, beside a 1.5 s BERT-base forward; 108 ms on a real forward's
+        logits, `pipeline/bench/runner_profile.py`).
         """
         k = self.out.k
         if logits.device.type != "cpu":

@@ -1227,7 +1227,8 @@ def _fit_with_ray(cfg: TrainConfig, plan: RunPlan, log) -> dict[str, Any]:
             run_config=RunConfig(name=cfg.run_name, storage_path=cfg.storage_path,
                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints or None),
                                  failure_config=FailureConfig(max_failures=cfg.max_failures),
-                                 worker_runtime_env={"env_vars": worker_env} if worker_env else None),
+                                 # Ray Train v2's: passed only when set, so a v1 RunConfig still takes the rest.
+                                 **({"worker_runtime_env": {"env_vars": worker_env}} if worker_env else {})),
         )
         log(f"Ray Train: {cfg.workers} worker(s) x {resources}, run {cfg.run_name} in {cfg.storage_path}")
         t0 = time.time()

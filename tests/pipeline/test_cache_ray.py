@@ -81,6 +81,7 @@ def test_default_cpu_actor_takes_the_clusters_cpus_and_a_tuned_allocator(ray_clu
     runs on every CPU of the (2-CPU) cluster, in a process started with the allocator settings."""
     import dataclasses
 
+    from pipeline import allocator
     from pipeline.cache_pass import prepare
     from pipeline.executor import RayExecutor
 
@@ -88,7 +89,15 @@ def test_default_cpu_actor_takes_the_clusters_cpus_and_a_tuned_allocator(ray_clu
     ex = RayExecutor(prepare(cfg), cfg.out)
     try:
         (stats,) = ex.actor_stats()
-        assert stats["threads"] == 2 and stats["malloc_tuned"]
+        assert stats["threads"] == 2 and stats["malloc_tuned"] == allocator.enabled()
         assert ex.resources == {"num_cpus": 2.0}
     finally:
         ex.close()
+
+
+@pytest.mark.parametrize("nodes, actors, share", [([2], 1, 2), ([2], 2, 1), ([8, 8], 3, 4), ([8, 8], 2, 8),
+                                                   ([16, 4], 2, 8), ([2], 3, 1), ([], 1, 1)])
+def test_cpu_share_fits_every_actor_on_a_node(nodes, actors, share):
+    from pipeline.executor import cpu_share
+
+    assert cpu_share(nodes, actors) == share

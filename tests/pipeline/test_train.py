@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import allocator
 from pipeline.train import CompatibilityError, load_train_config, normalize, train, validate
 from storage import CacheReader, ColumnError, assign_shards
 from tests.support import WORDS, llama_tokenizer, make_teacher, tiny_corpus
@@ -331,7 +332,7 @@ def test_ray_two_workers_checkpoint(setup, reference_run):
     cfg, summary = reference_run
     run = Path(cfg.out)
     assert summary["steps"] == cfg.steps and summary["resumed_from_step"] == 0
-    assert summary["malloc_tuned"]  # CPU workers started with pipeline/allocator.py's settings
+    assert summary["malloc_tuned"] == allocator.enabled()  # CPU workers start with pipeline/allocator.py's settings
     ckpts = sorted(p.name for p in (Path(cfg.storage_path) / cfg.run_name).glob("step-*"))
     assert len(ckpts) == 2 and ckpts[-1] == f"step-{cfg.steps:08d}"  # num_to_keep=2, the last step included
     last = Path(cfg.storage_path) / cfg.run_name / ckpts[-1]
