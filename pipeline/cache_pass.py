@@ -112,6 +112,17 @@ class Prepared:
     pad_id: int
 
 
+def output_spec(prep: Prepared):
+    """What the teacher runner extracts for this cache (`teacher.OutputSpec`)."""
+    from .teacher import OutputSpec
+
+    spec = prep.spec
+    return OutputSpec(targets=spec.targets, k=spec.k, num_samples=spec.num_samples, hidden_layers=spec.hidden_layers,
+                      hidden_dtype=spec.hidden_dtype, attention_layers=spec.attention_layers,
+                      attention_dtype=spec.attention_dtype, task_logits=spec.num_labels > 0, seed=prep.cfg.seed,
+                      vocab_size=spec.vocab_size)
+
+
 def prepare(cfg: CacheConfig) -> Prepared:
     """Read the teacher's config and tokenizer (never its weights) and fix the cache's options."""
     from transformers import AutoConfig, AutoTokenizer
@@ -342,7 +353,7 @@ class ShardProcessor:
 
     def __init__(self, prep: Prepared, out_url: str, storage_options: dict | None = None):
         from .masking import TokenizerInfo
-        from .teacher import OutputSpec, TeacherRunner, load_teacher, teacher_options_from
+        from .teacher import TeacherRunner, load_teacher, teacher_options_from
 
         self.prep = prep
         spec = prep.spec
@@ -350,11 +361,7 @@ class ShardProcessor:
         self.tok_info = TokenizerInfo.from_tokenizer(tokenizer)
         if spec.mlm and self.tok_info.mask_token_id is None:
             raise ValueError(f"teacher {prep.cfg.teacher} is a masked LM but its tokenizer has no mask token")
-        out = OutputSpec(targets=spec.targets, k=spec.k, num_samples=spec.num_samples,
-                         hidden_layers=spec.hidden_layers, hidden_dtype=spec.hidden_dtype,
-                         attention_layers=spec.attention_layers, attention_dtype=spec.attention_dtype,
-                         task_logits=spec.num_labels > 0, seed=prep.cfg.seed, vocab_size=spec.vocab_size)
-        self.runner = TeacherRunner(model, kind, out, teacher_options_from(prep.cfg))
+        self.runner = TeacherRunner(model, kind, output_spec(prep), teacher_options_from(prep.cfg))
         if self.runner.device.type == "cpu":
             from .allocator import tune_this_process
 

@@ -143,9 +143,11 @@ def _actor_class():
         def stats(self) -> dict[str, Any]:
             import torch
 
+            from . import allocator
+
             return {"pid": os.getpid(), "forward_calls": self.processor.forward_calls,
                     "node": __import__("ray").get_runtime_context().get_node_id(), "threads": torch.get_num_threads(),
-                    "malloc_tuned": os.environ.get("MALLOC_ARENA_MAX") == "1"}
+                    "malloc_tuned": allocator.tuned()}
 
     return TeacherActor
 

@@ -268,12 +268,18 @@ class TeacherRunner:
                 out["sample_ids"], out["sample_weights"] = sample_rskd(logp, self.out.num_samples, self.generator)
         if self.kind == "classifier" and self.out.task_logits:
             out["task_logits"] = result.logits.float()
+        out.update(self.dense_outputs(result, encode=codec is not None))
+        return out
+
+    def dense_outputs(self, result, encode: bool) -> dict[str, Any]:
+        """The chosen hidden-state and attention columns of a forward's `result`."""
         dense = [(f"hidden_{layer}", result.hidden_states[layer], self.out.hidden_dtype)
                  for layer in self.out.hidden_layers]
         dense += [(f"attention_{layer}", result.attentions[layer - 1], self.out.attention_dtype)
                   for layer in self.out.attention_layers]
+        out: dict[str, Any] = {}
         for name, x, form in dense:
-            out.update(self.dense_columns(name, x, form, encode=codec is not None))
+            out.update(self.dense_columns(name, x, form, encode=encode))
         return out
 
     @torch.inference_mode()

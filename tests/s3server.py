@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Iterator
@@ -23,6 +24,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_for_http(url: str, proc: subprocess.Popen, timeout: float, what: str, log_path: Path) -> None:
+    """Until `url` answers over HTTP with any status (a 401 from a server that wants a token means
+    it is up); RuntimeError with the end of its log if `proc` exits or `timeout` seconds pass first."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"{what} did not start on {url} (log {log_path}): "
+                                   f"{Path(log_path).read_text(errors='replace')[-3000:]}") from None
+            time.sleep(0.2)
 
 
 def s3_env(endpoint: str) -> dict[str, str]:
@@ -50,15 +68,7 @@ def moto_server(log_dir: Path) -> Iterator[str]:
     log = open(Path(log_dir) / "moto.log", "wb")
     proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(endpoint + "/moto-api/", timeout=2).read()
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"moto_server did not start on {endpoint}: see {log.name}") from None
-                time.sleep(0.2)
+        wait_for_http(endpoint + "/moto-api/", proc, 60, "moto_server", Path(log.name))
         yield endpoint
     finally:
         proc.terminate()

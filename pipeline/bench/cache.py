@@ -106,15 +106,13 @@ def _runner_tokens_per_s(prep, batches: list[dict[str, Any]]) -> float:
     """The teacher runner alone: forward, top-k, codecs on the device and the copy to host memory,
     nothing written. Between the bare loop and the full pass: what the device work adds, and what
     the host pipeline adds on top of it."""
-    from pipeline.teacher import OutputSpec, TeacherRunner, load_teacher, teacher_options_from
+    from pipeline.cache_pass import output_spec
+    from pipeline.teacher import TeacherRunner, load_teacher, teacher_options_from
 
     spec = prep.spec
     opts = teacher_options_from(prep.cfg)
     model, _, kind = load_teacher(opts, need_attentions=bool(spec.attention_layers))
-    runner = TeacherRunner(model, kind, OutputSpec(
-        targets=spec.targets, k=spec.k, num_samples=spec.num_samples, hidden_layers=spec.hidden_layers,
-        hidden_dtype=spec.hidden_dtype, attention_layers=spec.attention_layers, attention_dtype=spec.attention_dtype,
-        task_logits=spec.num_labels > 0, seed=prep.cfg.seed, vocab_size=spec.vocab_size), opts)
+    runner = TeacherRunner(model, kind, output_spec(prep), opts)
     codec = spec.codec if spec.targets == "topk" else None
     runner(batches[0], codec=codec)  # warm-up (kernels, allocators, pinned memory)
     t0 = time.perf_counter()

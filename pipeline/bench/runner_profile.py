@@ -36,7 +36,8 @@ def profile(prep, batches: list[dict[str, Any]]) -> dict[str, float]:
     """Median seconds per batch of each runner step."""
     import torch
 
-    from pipeline.teacher import OutputSpec, TeacherRunner, load_teacher, teacher_options_from
+    from pipeline.cache_pass import output_spec
+    from pipeline.teacher import TeacherRunner, load_teacher, teacher_options_from
 
     spec, opts = prep.spec, teacher_options_from(prep.cfg)
     model, _, kind = load_teacher(opts, need_attentions=bool(spec.attention_layers))
@@ -44,10 +45,7 @@ def profile(prep, batches: list[dict[str, Any]]) -> dict[str, float]:
         from pipeline.allocator import tune_this_process
 
         tune_this_process()
-    runner = TeacherRunner(model, kind, OutputSpec(
-        targets="topk", k=spec.k, hidden_layers=spec.hidden_layers, hidden_dtype=spec.hidden_dtype,
-        attention_layers=spec.attention_layers, attention_dtype=spec.attention_dtype, vocab_size=spec.vocab_size),
-        opts)
+    runner = TeacherRunner(model, kind, output_spec(prep), opts)
     codec = spec.codec if runner.encode_on_device else None
     timed = _timer(runner.device)
     steps: dict[str, list[float]] = {}
@@ -62,17 +60,7 @@ def profile(prep, batches: list[dict[str, Any]]) -> dict[str, float]:
         with torch.inference_mode():
             (top_ids, top_lp), t_topk = timed(lambda: runner.topk_logprobs(result.logits))
             out, t_cols = timed(lambda: runner.topk_columns(top_ids, top_lp, codec))
-
-            def dense():
-                cols = {}
-                for layer in spec.hidden_layers:
-                    cols.update(runner.dense_columns(f"hidden_{layer}", result.hidden_states[layer],
-                                                     spec.hidden_dtype, encode=codec is not None))
-                for layer in spec.attention_layers:
-                    cols.update(runner.dense_columns(f"attention_{layer}", result.attentions[layer - 1],
-                                                     spec.attention_dtype, encode=codec is not None))
-                return cols
-            cols, t_dense = timed(dense)
+            cols, t_dense = timed(lambda: runner.dense_outputs(result, encode=codec is not None))
             _, t_copy = timed(lambda: runner._start_copy({**out, **cols})())
         if n:
             for name, t in (("forward", t_fwd), ("topk_logprobs", t_topk), ("topk_columns", t_cols),

@@ -18,13 +18,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.s3server import free_port
+from tests.s3server import free_port, wait_for_http
 from tests.support import make_teacher, tiny_corpus
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -75,17 +73,7 @@ def ray_head():
     head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     dashboard = f"http://127.0.0.1:{ports['dashboard-port']}"
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(dashboard + "/api/version", timeout=2).read()
-                break
-            except urllib.error.HTTPError:  # 401 without a token: the job API is up
-                break
-            except OSError:
-                if head.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"ray head did not start: {Path(log.name).read_text()[-3000:]}") from None
-                time.sleep(0.5)
+        wait_for_http(dashboard + "/api/version", head, 180, "ray head", Path(log.name))  # a 401 (token) is up
         yield dict(env, RAY_ADDRESS=dashboard), dashboard
     finally:
         started = _descendants(head.pid)
