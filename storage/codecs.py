@@ -21,7 +21,7 @@ Parquet notes (pyarrow 26, measured, see shared/RAY_NOTES.md):
 
 Top-k codecs (k = 64, SmolLM2-135M on Wikipedia extracts; measured on 28,672
 tokens, fitted on up to 28,672 others; zstd 3;
-``python -m pipeline.bench.topk_codec_experiment``):
+``python -m experiments.topk_codec``):
 
   ======================  =======  =============  =====================================
   codec                   B/entry  KL nats/token  what it stores

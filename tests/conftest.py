@@ -9,7 +9,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from storage import CacheSpec  # noqa: E402
+from kdcache.storage import CacheSpec  # noqa: E402
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from storage import CacheSpec, CacheWriter, Header
+from kdcache.storage import CacheSpec, CacheWriter, Header
 
 
 def synthetic_batch(spec: CacheSpec, sample_ids: np.ndarray, rng: np.random.Generator, width: int | None = None):

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import CACHE_HOME
+from kdcache.pipeline.data.assets import CACHE_HOME
 
 
 def _bert_base_teacher(folder: Path, layers: int, hidden: int) -> str:
@@ -45,7 +45,7 @@ def _words() -> list[str]:
 
 def _texts(n: int) -> list[str]:
     try:
-        from .common import wiki_texts
+        from kdcache.pipeline.bench.common import wiki_texts
 
         return wiki_texts(n)
     except FileNotFoundError:
@@ -76,7 +76,7 @@ def _bare_tokens_per_s(prep, batches: list[dict[str, Any]], device: str) -> floa
     """model(**batch) and nothing else, on the teacher pass's own batches."""
     import torch
 
-    from pipeline.teacher import autocast_dtype, load_teacher, teacher_options_from
+    from kdcache.pipeline.teacher_pass.teacher import autocast_dtype, load_teacher, teacher_options_from
 
     model, _, _ = load_teacher(teacher_options_from(prep.cfg), need_attentions=bool(prep.spec.attention_layers))
     dev = next(model.parameters()).device
@@ -106,8 +106,8 @@ def _runner_tokens_per_s(prep, batches: list[dict[str, Any]]) -> float:
     """The teacher runner alone: forward, top-k, codecs on the device and the copy to host memory,
     nothing written. Between the bare loop and the full pass: what the device work adds, and what
     the host pipeline adds on top of it."""
-    from pipeline.cache_pass import output_spec
-    from pipeline.teacher import TeacherRunner, load_teacher, teacher_options_from
+    from kdcache.pipeline.teacher_pass.config import output_spec
+    from kdcache.pipeline.teacher_pass.teacher import TeacherRunner, load_teacher, teacher_options_from
 
     spec = prep.spec
     opts = teacher_options_from(prep.cfg)
@@ -126,11 +126,15 @@ def _runner_tokens_per_s(prep, batches: list[dict[str, Any]]) -> float:
 def run(args) -> int:
     from transformers import AutoTokenizer
 
-    from pipeline import allocator
-    from pipeline.cache_pass import (CacheConfig, _teacher_device, iter_shard_inputs, prepare, run_cache_pass,
-                                     shard_batches)
-    from pipeline.cli import print_json
-    from pipeline.masking import TokenizerInfo
+    from kdcache.pipeline.common import allocator
+    from kdcache.pipeline.teacher_pass.run import run_cache_pass
+    from kdcache.pipeline.teacher_pass.inputs import shard_batches
+    from kdcache.pipeline.teacher_pass.inputs import iter_shard_inputs
+    from kdcache.pipeline.teacher_pass.config import teacher_device
+    from kdcache.pipeline.teacher_pass.config import prepare
+    from kdcache.pipeline.teacher_pass.config import CacheConfig
+    from kdcache.pipeline.common.jsonout import print_json
+    from kdcache.pipeline.data.masking import TokenizerInfo
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="kdcache-bench-cache-"))
     try:
@@ -156,7 +160,7 @@ def run(args) -> int:
         # gets them too, so the ratio compares like with like. Measured once first without them:
         # the plain script a user would write.
         bare_default = None
-        if _teacher_device(cfg) == "cpu" and allocator.enabled():
+        if teacher_device(cfg) == "cpu" and allocator.enabled():
             bare_default = _bare_tokens_per_s(prep, proc_batches, args.device)
             allocator.tune_this_process()
         bare, runner, cached, runs = [], [], [], []

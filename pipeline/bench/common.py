@@ -1,15 +1,12 @@
 """Shared pieces of the benchmarks: which teacher produced the data, timing, and the JSON last line."""
 from __future__ import annotations
 
-import os
 import statistics
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-
-CACHE_HOME = Path(os.environ.get("KDCACHE_HOME", Path.home() / ".cache" / "kdcache"))
+from kdcache.pipeline.data.assets import CACHE_HOME
 
 
 def median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
@@ -23,7 +20,7 @@ def median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
 
 
 def smollm2_available() -> bool:
-    from pipeline import assets
+    from kdcache.pipeline.data import assets
 
     try:
         assets.smollm2_gguf()
@@ -44,7 +41,7 @@ def bench_teacher(which: str, need_attentions: bool, n_seq: int, seq_len: int, b
     import torch
 
     if which == "smollm2" or (which == "auto" and smollm2_available()):
-        from pipeline import assets
+        from kdcache.pipeline.data import assets
 
         model, tok = assets.load_smollm2(CACHE_HOME / "smollm2-135m",
                                          attn_implementation="eager" if need_attentions else "sdpa")
@@ -73,7 +70,7 @@ def wiki_texts(limit: int | None = None) -> list[str]:
     """Lead extracts from the packaged Wikipedia asset, in a fixed order."""
     import json
 
-    from pipeline import assets
+    from kdcache.pipeline.data import assets
 
     data = json.loads(assets.wiki_extracts_json().read_text())
     texts = [v["extract"] for _, v in sorted(data.items()) if v.get("extract")]
@@ -82,8 +79,8 @@ def wiki_texts(limit: int | None = None) -> list[str]:
 
 def packed_batches(tokenizer, texts: list[str], n_seq: int, seq_len: int, batch_size: int):
     """Padded batches of `n_seq` packed sequences of `seq_len` tokens, as the teacher pass makes them."""
-    from pipeline.corpus import Document
-    from pipeline.sequences import batch_sequences, iter_sequences
+    from kdcache.pipeline.data.corpus import Document
+    from kdcache.pipeline.data.sequences import batch_sequences, iter_sequences
 
     docs = (Document(text=t, source=f"wiki:{i}") for i, t in enumerate(texts))
     seqs = iter_sequences(docs, tokenizer, mode="pack", max_length=seq_len)

@@ -29,13 +29,13 @@ $PY -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -3 | tee "$OUT/gpu
 # read when the runner rate falls short of the bare loop.
 for hidden in none 0,6,12; do
   echo "== runner profile, hidden layers $hidden"
-  $PY -m pipeline.bench.runner_profile --device "$DEVICE" --batch-size "$BATCH" --hidden-layers "$hidden" --json \
+  $PY -m kdcache.pipeline.bench.runner_profile --device "$DEVICE" --batch-size "$BATCH" --hidden-layers "$hidden" --json \
     2>&1 | grep -v -E "Warning|warn\(" | tee "$OUT/runner_profile_${hidden//,/-}.log" | tail -8
 done
 run() {  # name, extra flags...
   local name=$1; shift
   echo "== $name"
-  $PY -m pipeline.cli bench cache --teacher bert-base --executor local --device "$DEVICE" --tokens "$TOKENS" \
+  $PY -m kdcache.pipeline.cli.main bench cache --teacher bert-base --executor local --device "$DEVICE" --tokens "$TOKENS" \
     --batch-size "$BATCH" --shards-in-flight "$SHARDS" --repeats 3 --json "$@" 2>&1 | grep -v -E "Warning|warn\(" \
     | tee "$OUT/$name.log" | tail -7
 }
@@ -43,5 +43,5 @@ run topk64                                   # top-64 soft targets only (pretrai
 run topk64_hidden --hidden-layers 0,6,12     # + three hidden layers (DistilBERT/TinyBERT-style)
 run topk64_attn --hidden-layers 12 --attention-layers 12   # + eager attention for one layer
 echo "== host pipeline (no forward: outputs computed once on the GPU, then the real copy, encode, write)"
-$PY -m pipeline.bench.host_pipeline --device "$DEVICE" --shards-in-flight "$SHARDS" --json 2>&1 \
+$PY -m kdcache.pipeline.bench.host_pipeline --device "$DEVICE" --shards-in-flight "$SHARDS" --json 2>&1 \
   | grep -v -E "Warning|warn\(" | tee "$OUT/host.log" | tail -3

@@ -1,6 +1,6 @@
 """Host-pipeline throughput of the teacher pass: everything but the teacher's forward.
 
-    python -m pipeline.bench.host_pipeline [--tokens 262144] [--shards-in-flight 4] [--json]
+    python -m kdcache.pipeline.bench.host_pipeline [--tokens 262144] [--shards-in-flight 4] [--json]
 
 The real pass as it runs beside a GPU (`ShardPrefetcher` reading and tokenising the corpus in a
 worker process, `LocalExecutor` -> `ShardProcessor` with its batch workers masking and collating,
@@ -78,9 +78,13 @@ def measure(teacher: str, corpus: str, out: str, *, hidden_layers: str, tokens: 
             max_length: int, shard_tokens: int, shards_in_flight: int, encoder_threads: int, device: str,
             encode: str, batch_workers: int = -1) -> dict[str, Any]:
     """One host-only cache pass; its tokens/s, from the first shard handed out to the commit."""
-    from pipeline.cache_pass import CacheConfig, ShardPrefetcher, auto_batch_workers, auto_shards_in_flight, prepare
-    from pipeline.executor import LocalExecutor
-    from storage import CacheWriter, WriteOptions
+    from kdcache.pipeline.teacher_pass.shard import auto_shards_in_flight
+    from kdcache.pipeline.teacher_pass.shard import auto_batch_workers
+    from kdcache.pipeline.teacher_pass.inputs import ShardPrefetcher
+    from kdcache.pipeline.teacher_pass.config import prepare
+    from kdcache.pipeline.teacher_pass.config import CacheConfig
+    from kdcache.pipeline.teacher_pass.executor import LocalExecutor
+    from kdcache.storage import CacheWriter, WriteOptions
 
     cfg = CacheConfig(teacher=teacher, corpus=[corpus], out=out, max_length=max_length, batch_size=batch_size,
                       top_k=64, hidden_layers=hidden_layers, max_sequences=max(1, tokens // max_length),
@@ -128,7 +132,7 @@ def _corpus(folder: Path, tokens: int) -> str:
     """A jsonl corpus of at least `tokens` words (the bench corpus' texts, repeated as needed)."""
     import json
 
-    from .cache import _texts
+    from kdcache.pipeline.bench.cache import _texts
 
     texts = _texts(max(64, tokens // 100))
     path = folder / "corpus.jsonl"
@@ -144,12 +148,12 @@ def _corpus(folder: Path, tokens: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     import os
 
-    from pipeline.cli import print_json
+    from kdcache.pipeline.common.jsonout import print_json
 
-    from .cache import _bert_base_teacher
-    from .common import CACHE_HOME
+    from kdcache.pipeline.bench.cache import _bert_base_teacher
+    from kdcache.pipeline.data.assets import CACHE_HOME
 
-    p = argparse.ArgumentParser(prog="python -m pipeline.bench.host_pipeline", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m kdcache.pipeline.bench.host_pipeline", description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=262_144, help="tokens per run (default 262144: 16 batches)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--max-length", type=int, default=128)

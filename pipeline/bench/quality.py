@@ -1,9 +1,9 @@
 """`kdcache bench quality`: does a student trained from the cache match one trained with online KD?
 
     kdcache bench quality [--json] [--steps N] [--batch-size B] [--seq-len T] ...
-    .venv/bin/python -m pipeline.bench.quality --json
+    .venv/bin/python -m kdcache.pipeline.bench.quality --json
 
-Setup: SmolLM2-135M (the packaged real LM head, `pipeline.assets`) over Wikipedia lead extracts.
+Setup: SmolLM2-135M (the packaged real LM head, `kdcache.pipeline.data.assets`) over Wikipedia lead extracts.
 The normal teacher pass (`run_cache_pass`, in-process executor, top-k 64, default pow-q8 codec)
 caches the first `--train-sequences` packed sequences of the training half of the extracts. One
 student folder is made from the teacher's weights (`init_student_from_teacher`; by default 4 of
@@ -11,12 +11,12 @@ its 30 blocks copied, DistilBERT style) and trained twice in this process, from 
 and seed, on the same batches in the same order, with the same loss (the `lm` recipe: top-k KD at
 T = 2 with the tail bucket, + next-token CE; its cosine term is off because it would need the
 teacher's hidden states, which neither the cache nor the online baseline then has to carry),
-optimiser, schedule and steps (`pipeline.train.build_components` / `train_step`):
+optimiser, schedule and steps (`kdcache.pipeline.student.trainer.build_components` / `train_step`):
 
   cached   batches streamed from the cache (`RankStream`): the decoded pow-q8 top-k log-probs and
            the float16 tail mass, as any `kdcache train` worker reads them
   online   the same rows' input ids streamed from the cache (targets not read); the teacher runs
-           on every step and its top-k is taken the same way (`pipeline.bench.train.online_targets`:
+           on every step and its top-k is taken the same way (`kdcache.pipeline.bench.train.online_targets`:
            same k, float32 log-probs, same tail), with no storage round trip
 
 Evaluation: on held-out extracts (the other half of the file, never cached), the mean per-token
@@ -84,7 +84,7 @@ def train_run(cfg, plan, batches: Iterator[dict], targets: Callable[[dict], dict
 
     `targets` adds the teacher's targets to a batch (online KD); None = the batch already holds them.
     """
-    from pipeline.train import build_components, step_seed, to_device, train_step
+    from kdcache.pipeline.student.trainer import build_components, step_seed, to_device, train_step
 
     c = build_components(cfg, plan, device)
     losses: list[float] = []
@@ -186,14 +186,16 @@ def measure_quality(teacher_dir: str, train_texts: list[str], eval_texts: list[s
     `eval_texts` (which must not overlap the training text). Returns the figures as a dict."""
     import torch
 
-    from pipeline.bench.common import packed_batches
-    from pipeline.bench.train import online_targets
-    from pipeline.cache_pass import CacheConfig, run_cache_pass
-    from pipeline.student import init_student_from_teacher
-    from pipeline.tasks import write_jsonl
-    from pipeline.teacher import TeacherOptions, load_teacher
-    from pipeline.train import RankStream, load_train_config, plan_run, to_device
-    from storage import CacheReader
+    from kdcache.pipeline.bench.common import packed_batches
+    from kdcache.pipeline.bench.train import online_targets
+    from kdcache.pipeline.teacher_pass.run import run_cache_pass
+    from kdcache.pipeline.teacher_pass.config import CacheConfig
+    from kdcache.pipeline.student.models import init_student_from_teacher
+    from kdcache.pipeline.common.jsonout import write_jsonl
+    from kdcache.pipeline.teacher_pass.teacher import TeacherOptions, load_teacher
+    from kdcache.pipeline.student.trainer import RankStream, plan_run, to_device
+    from kdcache.pipeline.student.config import load_train_config
+    from kdcache.storage import CacheReader
 
     if set(train_texts) & set(eval_texts):
         raise ValueError("the evaluation texts overlap the training texts: the evaluation would not be held out")
@@ -257,7 +259,7 @@ def measure_quality(teacher_dir: str, train_texts: list[str], eval_texts: list[s
     log(f"  {online['seconds']:.0f}s; loss {online['losses'][0]:.4f} -> {online['losses'][-1]:.4f}")
 
     # -- 4. held-out evaluation ---------------------------------------------------------------------
-    from pipeline.train import build_student
+    from kdcache.pipeline.student.trainer import build_student
 
     initial = build_student(cfg, False, False).eval()  # the untrained student, for scale
     eval_batches = packed_batches(tokenizer, eval_texts, eval_sequences, seq_len, batch_size)
@@ -342,9 +344,10 @@ def run(args) -> int:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from pipeline import assets
-    from pipeline.bench.common import CACHE_HOME, wiki_texts
-    from pipeline.cli import print_json
+    from kdcache.pipeline.data import assets
+    from kdcache.pipeline.bench.common import wiki_texts
+    from kdcache.pipeline.data.assets import CACHE_HOME
+    from kdcache.pipeline.common.jsonout import print_json
 
     hf_logging.disable_progress_bar()
     if args.threads:
@@ -381,7 +384,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.bench.quality", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m kdcache.pipeline.bench.quality", description=__doc__.split("\n")[0])
     add_arguments(p)
     return run(p.parse_args(argv))
 

@@ -1,6 +1,6 @@
 """Where a teacher batch's time goes: the forward, then each piece of device work the runner adds.
 
-    python -m pipeline.bench.runner_profile [--device cuda] [--batch-size 128] [--hidden-layers 0,6,12] [--json]
+    python -m kdcache.pipeline.bench.runner_profile [--device cuda] [--batch-size 128] [--hidden-layers 0,6,12] [--json]
 
 `kdcache bench cache` gives three rates (bare loop, runner, full pass); this splits the gap between
 the first two. Each step runs on its own with the device synchronised around it, on the output of
@@ -36,13 +36,13 @@ def profile(prep, batches: list[dict[str, Any]]) -> dict[str, float]:
     """Median seconds per batch of each runner step."""
     import torch
 
-    from pipeline.cache_pass import output_spec
-    from pipeline.teacher import TeacherRunner, load_teacher, teacher_options_from
+    from kdcache.pipeline.teacher_pass.config import output_spec
+    from kdcache.pipeline.teacher_pass.teacher import TeacherRunner, load_teacher, teacher_options_from
 
     spec, opts = prep.spec, teacher_options_from(prep.cfg)
     model, _, kind = load_teacher(opts, need_attentions=bool(spec.attention_layers))
     if next(model.parameters()).device.type == "cpu":  # as the cache pass runs a CPU teacher
-        from pipeline.allocator import tune_this_process
+        from kdcache.pipeline.common.allocator import tune_this_process
 
         tune_this_process()
     runner = TeacherRunner(model, kind, output_spec(prep), opts)
@@ -72,13 +72,16 @@ def profile(prep, batches: list[dict[str, Any]]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
-    from pipeline.bench.cache import _bert_base_teacher, _corpus
-    from pipeline.bench.common import CACHE_HOME
-    from pipeline.cache_pass import CacheConfig, iter_shard_inputs, prepare, shard_batches
-    from pipeline.cli import print_json
-    from pipeline.masking import TokenizerInfo
+    from kdcache.pipeline.bench.cache import _bert_base_teacher, _corpus
+    from kdcache.pipeline.data.assets import CACHE_HOME
+    from kdcache.pipeline.teacher_pass.inputs import shard_batches
+    from kdcache.pipeline.teacher_pass.inputs import iter_shard_inputs
+    from kdcache.pipeline.teacher_pass.config import prepare
+    from kdcache.pipeline.teacher_pass.config import CacheConfig
+    from kdcache.pipeline.common.jsonout import print_json
+    from kdcache.pipeline.data.masking import TokenizerInfo
 
-    p = argparse.ArgumentParser(prog="python -m pipeline.bench.runner_profile", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m kdcache.pipeline.bench.runner_profile", description=__doc__.split("\n")[0])
     p.add_argument("--teacher", default="bert-base", choices=("bert-base", "bert-tiny"),
                    help="BERT-base-shaped masked LM (random init; default) or a 2 x 128 one")
     p.add_argument("--device", default="auto")

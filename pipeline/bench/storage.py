@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from storage import CacheReader, CacheSpec, CacheWriter, Header, WriteOptions
-from storage.codecs import DEFAULT_TOPK_CODEC, get_topk_codec, topk_kl_error
-from storage.stats import column_bytes
+from kdcache.storage import CacheReader, CacheSpec, CacheWriter, Header, WriteOptions
+from kdcache.storage.codecs import DEFAULT_TOPK_CODEC, get_topk_codec, topk_kl_error
+from kdcache.storage.stats import column_bytes
 
-from .common import bench_teacher, median_time
+from kdcache.pipeline.bench.common import bench_teacher, median_time
 
 K = 64
 
@@ -29,7 +29,7 @@ def _teacher_outputs(args) -> tuple[list[dict], dict[str, Any], str]:
     Like the teacher pass, the top-k codec is fitted on the teacher's top-k of the next
     `--calibration-sequences` sequences, which are never measured.
     """
-    from pipeline.teacher import OutputSpec, TeacherOptions, TeacherRunner
+    from kdcache.pipeline.teacher_pass.teacher import OutputSpec, TeacherOptions, TeacherRunner
 
     n_seq = max(1, args.tokens // args.seq_len)
     calib = args.calibration_sequences
@@ -210,7 +210,7 @@ def _fmt(v) -> str:
 
 
 def run(args) -> int:
-    from pipeline.cli import print_json
+    from kdcache.pipeline.common.jsonout import print_json
 
     t0 = time.perf_counter()
     batches, info, desc = _teacher_outputs(args)

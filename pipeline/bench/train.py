@@ -1,7 +1,7 @@
 """`kdcache bench train`: what training from the cache costs, measured in one run on one machine.
 
     kdcache bench train [--quick] [--json]
-    .venv/bin/python -m pipeline.bench.train --quick --json
+    .venv/bin/python -m kdcache.pipeline.bench.train --quick --json
 
 Setup: a BERT-base-sized masked-LM teacher (12 layers, 768 wide, 12 heads, vocab 30,522; random
 init, no download) over a synthetic corpus, cached by the real teacher pass (`run_cache_pass(...,
@@ -103,7 +103,7 @@ def copy_cache(src: str, dst: str, copies: int) -> None:
     """Write `copies` x the rows of `src` (sample ids shifted) into a new cache with the same options."""
     import dataclasses
 
-    from storage import CacheReader, CacheWriter
+    from kdcache.storage import CacheReader, CacheWriter
 
     reader = CacheReader(src, verify="off")
     header = dataclasses.replace(reader.manifest.header,
@@ -173,9 +173,9 @@ def _peak_rss_kb() -> int:
 
 def rss_child(cache: str, batch_size: int) -> dict[str, Any]:
     """In a fresh process: stream the whole cache the way a training worker does; peak RSS."""
-    from storage import CacheReader
+    from kdcache.storage import CacheReader
 
-    from pipeline.train import RankStream, prefetched
+    from kdcache.pipeline.student.trainer import RankStream, prefetched
 
     before = _peak_rss_kb()
     reader = CacheReader(cache, verify="full")
@@ -193,7 +193,7 @@ def rss_child(cache: str, batch_size: int) -> dict[str, Any]:
 def _run_rss_child(cache: str, batch_size: int) -> dict[str, Any]:
     root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "-m", "pipeline.bench.train", "--rss-child", cache,
+    proc = subprocess.run([sys.executable, "-m", "kdcache.pipeline.bench.train", "--rss-child", cache,
                            "--batch-size", str(batch_size)], capture_output=True, text=True, env=env, cwd=root)
     if proc.returncode:
         raise RuntimeError(f"RSS child failed: {proc.stderr[-2000:]}")
@@ -201,9 +201,9 @@ def _run_rss_child(cache: str, batch_size: int) -> dict[str, Any]:
 
 
 def _reader_tokens_per_s(cache: str, columns: list[str], batch_size: int, min_s: float) -> float:
-    from storage import CacheReader
+    from kdcache.storage import CacheReader
 
-    from pipeline.train import RankStream
+    from kdcache.pipeline.student.trainer import RankStream
 
     reader = CacheReader(cache, verify="full")
     stream = RankStream(reader, columns, batch_size, 0, 1)
@@ -229,12 +229,13 @@ def run(args) -> int:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from pipeline.cache_pass import CacheConfig, run_cache_pass
-    from pipeline.cli import print_json
-    from pipeline.student import init_student_from_teacher
-    from pipeline.train import (RankStream, build_components, load_train_config, plan_run, step_seed, to_device,
-                                train_step)
-    from storage import CacheReader
+    from kdcache.pipeline.teacher_pass.run import run_cache_pass
+    from kdcache.pipeline.teacher_pass.config import CacheConfig
+    from kdcache.pipeline.common.jsonout import print_json
+    from kdcache.pipeline.student.models import init_student_from_teacher
+    from kdcache.pipeline.student.trainer import RankStream, build_components, plan_run, step_seed, to_device, train_step
+    from kdcache.pipeline.student.config import load_train_config
+    from kdcache.storage import CacheReader
 
     hf_logging.disable_progress_bar()
     if args.threads:
@@ -346,7 +347,7 @@ def run(args) -> int:
         if not args.no_ray:
             import ray
 
-            from pipeline.train import train
+            from kdcache.pipeline.student.trainer import train
 
             del teacher, comp, comp_masked, variants
             t0 = time.perf_counter()
@@ -401,7 +402,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.bench.train", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m kdcache.pipeline.bench.train", description=__doc__.split("\n")[0])
     add_arguments(p)
     return run(p.parse_args(argv))
 

@@ -108,7 +108,7 @@ def _status(env: dict, job_id: str) -> str:
 def test_cache_and_train_jobs_submitted_to_a_running_cluster(ray_head, tmp_path):
     from transformers import AutoModelForMaskedLM
 
-    from pipeline.student import init_student_from_teacher
+    from kdcache.pipeline.student.models import init_student_from_teacher
 
     env, dashboard = ray_head
     teacher = make_teacher(tmp_path / "teacher", "masked-lm")

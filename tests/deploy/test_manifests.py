@@ -24,8 +24,8 @@ def _kdcache_argv(entrypoint: str) -> list[str]:
 
 def parse_kdcache(argv: list[str]):
     """(command, config) through the real parser and config loaders: unknown flags or keys fail here."""
-    from pipeline.cli import _cache_config, build_parser
-    from pipeline.train_cli import train_config_from_args
+    from kdcache.pipeline.cli.main import _cache_config, build_parser
+    from kdcache.pipeline.cli.train import train_config_from_args
 
     try:
         args = build_parser().parse_args(argv)
@@ -168,7 +168,7 @@ def test_submit_script_is_valid_and_submits_kdcache_commands():
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     text = script.read_text()
     allowed = re.search(r"^\s+(cache\|[\w|-]+)\) ;;", text, re.M).group(1).split("|")
-    from pipeline.cli import build_parser
+    from kdcache.pipeline.cli.main import build_parser
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert set(allowed) <= set(sub.choices), set(allowed) - set(sub.choices)

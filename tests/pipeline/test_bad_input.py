@@ -1,7 +1,7 @@
 """Bad input and unsafe input (docs/reliability.md): a clear error naming the file / line / field,
 nothing already written lost, nothing executed that the user did not allow, no credential stored.
 
-Most bad-input cases live next to the code they exercise (tests/pipeline/test_corpus.py,
+Most bad-input cases live next to the code they exercise (tests/pipeline/data/test_corpus.py,
 test_cache_pass.py, test_config.py, test_train.py); docs/reliability.md maps each to its test.
 """
 from __future__ import annotations
@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cache_pass import CacheConfig, prepare, run_cache_pass
-from storage import CacheReader
-from storage.verify import verify_cache
+from kdcache.pipeline.teacher_pass.run import run_cache_pass
+from kdcache.pipeline.teacher_pass.config import prepare
+from kdcache.pipeline.teacher_pass.config import CacheConfig
+from kdcache.storage import CacheReader
+from kdcache.storage.verify import verify_cache
 from tests.support import make_teacher, tiny_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,7 +42,7 @@ def _cfg(teacher, corpus, out, **kw) -> CacheConfig:
 
 STREAM_SCRIPT = """
 import hashlib, json, resource, sys
-from pipeline.corpus import CorpusSpec, iter_documents
+from kdcache.pipeline.data.corpus import CorpusSpec, iter_documents
 
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
 h, parts, longest, whole = hashlib.sha256(), 0, 0, 0
@@ -86,7 +88,7 @@ def test_100mb_single_line_document_streams_with_bounded_memory(tmp_path):
 
 
 def test_bad_line_mid_corpus_names_it_and_keeps_the_shards_before_it(tmp_path, teacher, monkeypatch):
-    import pipeline.cache_pass as cache_pass
+    import kdcache.pipeline.teacher_pass.run as cache_pass
 
     # Above COUNT_LIMIT_BYTES the corpus is not read ahead to count it, so a bad record surfaces only when
     # the pass reaches it, with earlier shards committed: the situation of a real, large corpus.
@@ -182,7 +184,7 @@ def test_pickle_teacher_refused_unless_allowed_and_then_loaded_weights_only(tmp_
     import torch
     from transformers import AutoModelForMaskedLM
 
-    from pipeline.teacher import TeacherOptions, load_teacher
+    from kdcache.pipeline.teacher_pass.teacher import TeacherOptions, load_teacher
 
     folder = tmp_path / "pickled"
     shutil.copytree(teacher, folder)
@@ -214,7 +216,7 @@ def test_pickle_teacher_refused_unless_allowed_and_then_loaded_weights_only(tmp_
     ("hf://datasets/org/name?token=hf_secret123", "hf_secret123"),
 ])
 def test_redact_removes_credentials_from_urls(url, secret):
-    from storage.fs import redact
+    from kdcache.storage.fs import redact
 
     clean = redact(url)
     assert secret not in clean and "***" in clean
@@ -263,7 +265,7 @@ def test_local_ray_cluster_dashboard_is_bound_to_loopback():
     import psutil
     import ray
 
-    from pipeline.executor import init_ray
+    from kdcache.pipeline.common.runtime import init_ray
 
     assert init_ray(None, num_cpus=1)  # the cluster `kdcache cache` / `kdcache train` start without --address
     try:

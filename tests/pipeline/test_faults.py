@@ -1,7 +1,7 @@
 """Faults that kill or starve real processes (docs/reliability.md): the `kdcache` driver SIGKILLed
 mid-pass and run again, the disk filling up under a running pass, a corrupted cache under training.
 
-Drivers run as real subprocesses (`python -m pipeline.cli`), so a SIGKILL is a SIGKILL. A driver
+Drivers run as real subprocesses (`python -m kdcache.pipeline.cli.main`), so a SIGKILL is a SIGKILL. A driver
 that starts its own Ray cluster leaves Ray's processes behind when it is killed (RAY_NOTES): every
 test takes the list of the driver's descendants just before the kill and ends them by process id.
 """
@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from storage import CacheReader
-from storage.verify import verify_cache
+from kdcache.storage import CacheReader
+from kdcache.storage.verify import verify_cache
 from tests.support import make_teacher, tiny_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
-KDCACHE = [sys.executable, "-m", "pipeline.cli"]
+KDCACHE = [sys.executable, "-m", "kdcache.pipeline.cli.main"]
 BATCH = 2
 
 
@@ -156,7 +156,8 @@ def _cache_args(teacher: str, corpus: str, out: Path, executor: str) -> list:
 def reference(tmp_path_factory, teacher, corpus):
     """An uninterrupted pass (in this process, local executor): the bytes every interrupted pass must end with.
     The teacher pass is deterministic on CPU whatever runs it (local or Ray actors, 1 or 2 torch threads)."""
-    from pipeline.cache_pass import CacheConfig, run_cache_pass
+    from kdcache.pipeline.teacher_pass.run import run_cache_pass
+    from kdcache.pipeline.teacher_pass.config import CacheConfig
 
     out = tmp_path_factory.mktemp("reference") / "cache"
     summary = run_cache_pass(CacheConfig(teacher=teacher, corpus=[corpus], out=str(out), progress=False, **OPTIONS),
@@ -260,8 +261,9 @@ def _deny_writes(proc: subprocess.Popen, cache: Path) -> None:
                          ids=["disk-full", "permission"])
 def test_write_fault_mid_pass_is_a_clear_error_and_keeps_earlier_shards(tmp_path, teacher, corpus, reference,
                                                                         fault, reason):
-    from pipeline.cache_pass import CacheConfig, run_cache_pass
-    from storage.checksum import checksum_stream
+    from kdcache.pipeline.teacher_pass.run import run_cache_pass
+    from kdcache.pipeline.teacher_pass.config import CacheConfig
+    from kdcache.storage.checksum import checksum_stream
 
     ref, ref_summary = reference
     cache = tmp_path / "cache"
@@ -342,9 +344,10 @@ def test_training_reader_stops_on_a_damaged_cache_naming_the_file(tmp_path_facto
                                                                   damage):
     import shutil
 
-    from pipeline.student import init_student_from_teacher
-    from pipeline.train import load_train_config, train
-    from storage import CacheError
+    from kdcache.pipeline.student.models import init_student_from_teacher
+    from kdcache.pipeline.student.trainer import train
+    from kdcache.pipeline.student.config import load_train_config
+    from kdcache.storage import CacheError
 
     student = tmp_path_factory.getbasetemp() / "faults-student"
     if not student.exists():
@@ -367,7 +370,7 @@ def test_training_reader_stops_on_a_damaged_cache_naming_the_file(tmp_path_facto
 
 @pytest.fixture(scope="module")
 def student(tmp_path_factory, teacher):
-    from pipeline.student import init_student_from_teacher
+    from kdcache.pipeline.student.models import init_student_from_teacher
 
     out = tmp_path_factory.mktemp("student") / "s"
     init_student_from_teacher(teacher, out, num_layers=1)
@@ -402,7 +405,8 @@ def _metrics(run: Path) -> list[dict]:
 def test_training_driver_sigkilled_then_rerun_resumes_from_its_checkpoint(tmp_path, reference, student):
     """`kdcache train` (Ray Train) killed with SIGKILL after its first checkpoints; the same command resumes
     from the last of them and its losses equal an uninterrupted run's (in this process, rtol 1e-5 on CPU)."""
-    from pipeline.train import load_train_config, normalize, train
+    from kdcache.pipeline.student.trainer import normalize, train
+    from kdcache.pipeline.student.config import load_train_config
 
     cache = reference[0]
     uninterrupted = tmp_path / "uninterrupted"

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from storage.codecs import (
+from kdcache.storage.codecs import (
     CODECS,
     DEFAULT_TOPK_CODEC,
     decode_dense,
@@ -318,7 +318,7 @@ def test_encode_torch_checks_its_inputs():
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # float16 of 7e4 and inf, on purpose
 @pytest.mark.parametrize("device", DEVICES)
 def test_encode_dense_torch_gives_the_numpy_codes(device):
-    from storage.codecs import encode_dense_torch
+    from kdcache.storage.codecs import encode_dense_torch
 
     rng = np.random.default_rng(10)
     hidden = (rng.standard_normal((40, 12, 96)) * 10.0 ** rng.integers(-6, 6, (40, 12, 1))).astype(np.float32)
@@ -350,10 +350,10 @@ def test_encode_dense_torch_gives_the_numpy_codes(device):
 def test_pre_encoded_leaves_are_checked_and_stored_as_given():
     """The writer takes device-encoded leaves as they are (same bytes as encoding the raw columns
     itself) and refuses leaves of the wrong shape or dtype."""
-    from storage import CacheSpec
-    from storage.columns import to_record_batch
-    from storage.errors import ColumnError
-    from storage.schema import build_schema
+    from kdcache.storage import CacheSpec
+    from kdcache.storage.columns import to_record_batch
+    from kdcache.storage.errors import ColumnError
+    from kdcache.storage.schema import build_schema
     from tests.support import synthetic_batch
 
     spec = CacheSpec(vocab_size=1000, max_length=16, targets="topk", k=8, topk_codec=DEFAULT_TOPK_CODEC,

@@ -7,9 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from storage import CacheExistsError, CacheReader, CacheSpec, CacheWriter, Header, ManifestError, ShardError
-from storage.manifest import MANIFEST
-from storage.verify import verify_cache
+from kdcache.storage import CacheExistsError, CacheReader, CacheSpec, CacheWriter, Header, ManifestError, ShardError
+from kdcache.storage.manifest import MANIFEST
+from kdcache.storage.verify import verify_cache
 from tests.support import synthetic_batch, write_cache
 
 
@@ -103,7 +103,7 @@ def test_schema_that_disagrees_with_manifest(cache, tmp_path, full_spec):
     target = _first_shard(cache)
     target.write_bytes(_first_shard(tmp_path / "other").read_bytes())
     data = json.loads((cache / MANIFEST).read_text())
-    from storage.checksum import checksum_stream
+    from kdcache.storage.checksum import checksum_stream
 
     with open(target, "rb") as f:
         digest, size = checksum_stream(f)

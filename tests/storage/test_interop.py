@@ -5,7 +5,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from storage import CacheReader
+from kdcache.storage import CacheReader
 from tests.support import write_cache
 
 

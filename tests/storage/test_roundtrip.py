@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from storage import CacheReader, CacheSpec, ColumnError, assign_shards
-from storage.codecs import get_topk_codec
+from kdcache.storage import CacheReader, CacheSpec, ColumnError, assign_shards
+from kdcache.storage.codecs import get_topk_codec
 from tests.support import write_cache
 
 
@@ -139,7 +139,7 @@ def test_fsspec_memory_url_round_trips(full_spec):
         assert reader.files()[0].startswith("/kdcache-test/cache/shards/")
         read = _rows_by_id(reader, ["input_ids"])
         assert sorted(read) == sorted(written)
-        from storage.verify import verify_cache
+        from kdcache.storage.verify import verify_cache
 
         assert verify_cache(url)[0] == []
         fs = fsspec.filesystem("memory")

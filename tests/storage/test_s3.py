@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from storage import CacheReader, CacheSpec, ShardError
-from storage.fs import Location, RetryPolicy, is_transient
+from kdcache.storage import CacheReader, CacheSpec, ShardError
+from kdcache.storage.fs import Location, RetryPolicy, is_transient
 from tests.s3server import FlakyProxy, make_bucket, moto_server, s3_env
 from tests.support import make_teacher, tiny_corpus, write_cache
 
@@ -146,9 +146,11 @@ def test_cache_verify_train_and_resume_on_s3(s3, tmp_path):
     import s3fs
     from transformers import AutoModelForMaskedLM
 
-    from pipeline.cache_pass import CacheConfig, run_cache_pass
-    from pipeline.student import init_student_from_teacher
-    from pipeline.train import load_train_config, train
+    from kdcache.pipeline.teacher_pass.run import run_cache_pass
+    from kdcache.pipeline.teacher_pass.config import CacheConfig
+    from kdcache.pipeline.student.models import init_student_from_teacher
+    from kdcache.pipeline.student.trainer import train
+    from kdcache.pipeline.student.config import load_train_config
 
     teacher = make_teacher(tmp_path / "teacher", "masked-lm")
     corpus = tiny_corpus(tmp_path / "corpus.jsonl", docs=40)

@@ -1,0 +1,162 @@
+"""`kdcache init-student`, `kdcache train` and `kdcache bench train`: argparse wiring only.
+
+The work lives in `kdcache.pipeline.student.models`, `kdcache.pipeline.student.trainer` and `kdcache.pipeline.bench.train`, imported when a
+command runs so that `kdcache --help` stays instant.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+# (flag, type, help); the config key is the flag without dashes, '-' -> '_'
+TRAIN_FLAGS = [
+    ("--cache", str, "cache directory or URL (made by `kdcache cache`)"),
+    ("--student", str, "student folder (e.g. from `kdcache init-student`)"),
+    ("--out", str, "run folder: student/, metrics.jsonl, tb/, checkpoints"),
+    ("--steps", int, "optimiser steps (default: one pass over the cache)"),
+    ("--batch-size", int, "rows per worker per step"),
+    ("--lr", float, "peak learning rate"),
+    ("--temperature", float, "KD temperature (default: the recipe's)"),
+    ("--warmup-steps", int, "linear warmup steps (default: the recipe's warmup_ratio)"),
+    ("--weight-decay", float, "AdamW weight decay on matrices"),
+    ("--seed", int, "seed for initialisation, dropout and the shard shuffle"),
+    ("--workers", int, "Ray Train workers (each reads its own shards)"),
+    ("--storage-path", str, "where Ray Train keeps checkpoints: folder or URL (default <out>/ray)"),
+    ("--student-url", str, "also copy the final student here (folder or URL, e.g. s3://bucket/students/d6)"),
+    ("--run-name", str, "Ray Train run name (default: derived from --out; the same name resumes)"),
+    ("--checkpoint-every", int, "checkpoint every N steps (the last step always)"),
+    ("--max-failures", int, "worker failures to recover from, restarting at the last checkpoint"),
+    ("--address", str, "Ray cluster address (default: RAY_ADDRESS, else a local cluster)"),
+]
+
+
+def _add_train_args(s: argparse.ArgumentParser) -> None:
+    for flag, typ, help_ in TRAIN_FLAGS:
+        s.add_argument(flag, type=typ, default=None, help=help_)
+    s.add_argument("--recipe", default=None,
+                   help="distilbert | tinybert-general | tinybert-task | lm (pipeline/recipes/NAME.yaml)")
+    s.add_argument("--config", default=None, help="YAML with TrainConfig keys (over the recipe, under flags)")
+    s.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per worker")
+    s.add_argument("--no-ray", action="store_true", default=None,
+                   help="train in this process, one worker (benchmarks, debugging)")
+    s.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    s.add_argument("--trust-remote-code", action="store_true", default=None,
+                   help="run code shipped with the student (off by default)")
+    s.add_argument("--validate", action="store_true",
+                   help="check config, cache and student against each other, then exit without training")
+    s.add_argument("--json", action="store_true", help="print the run summary as one JSON object (last line)")
+    s.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="override any config key, e.g. loss_weights.cos=0 kd_positions=masked")
+
+
+def train_config_from_args(args):
+    from kdcache.pipeline.student.config import load_train_config
+
+    flags = {f.lstrip("-").replace("-", "_"): getattr(args, f.lstrip("-").replace("-", "_")) for f, _, _ in TRAIN_FLAGS}
+    for name in ("use_gpu", "no_ray", "progress", "trust_remote_code"):
+        flags[name] = getattr(args, name, None)
+    return load_train_config(args.recipe, args.config, flags, args.overrides)
+
+
+def cmd_train(args) -> int:
+    from kdcache.pipeline.common.jsonout import print_json
+    from kdcache.pipeline.student.trainer import train, validate
+
+    cfg = train_config_from_args(args)
+    if args.validate:
+        report = validate(cfg)
+        if args.json:
+            print_json(report)
+        else:
+            print(f"ok: {report['steps']} steps x {cfg.batch_size} rows x {cfg.workers} worker(s); losses "
+                  f"{report['loss_weights']} (T={report['temperature']}); reads {', '.join(report['columns'])}; "
+                  f"rows per rank {report['rows_per_rank']}" + ("; hidden projection" if report["projection"] else ""))
+        return 0
+    try:
+        summary = train(cfg)
+    except Exception as exc:  # Ray Train wraps worker errors; show the cause, not the controller's stack
+        if type(exc).__name__ in ("TrainingFailedError", "WorkerGroupError", "ControllerError"):
+            print(f"kdcache train: training failed: {exc}\nre-run the same command to resume from the last "
+                  "checkpoint", file=sys.stderr)
+            return 1
+        raise
+    if args.json:
+        print_json(summary)
+    else:
+        print(f"trained {summary.get('steps')} steps (resumed from {summary.get('resumed_from_step')}); final loss "
+              f"{summary.get('final_loss')}; student in {summary.get('student_out')}")
+    return 0
+
+
+def cmd_init_student(args) -> int:
+    from kdcache.pipeline.common.jsonout import print_json
+    from kdcache.pipeline.student.models import init_student_from_teacher
+
+    layers = None
+    if args.layers:
+        try:
+            layers = [int(x) for x in args.layers.replace(" ", "").split(",") if x]
+        except ValueError:
+            raise ValueError(f"--layers: expected comma-separated teacher block indices, got {args.layers!r}") from None
+    record = init_student_from_teacher(args.teacher, args.out, layers=layers, num_layers=args.num_layers,
+                                       hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
+                                       num_heads=args.num_heads, trust_remote_code=args.trust_remote_code,
+                                       allow_pickle=args.allow_pickle, seed=args.seed,
+                                       embedding_init=args.embedding_init)
+    if args.json:
+        print_json(record)
+    else:
+        how = (f"blocks {record['teacher_layers']} copied" if record["mode"] == "copy"
+               else f"random init (seed {record['seed']})")
+        print(f"student in {args.out}: {record['num_layers']} layers x {record['hidden_size']}, {how}; "
+              f"layer map {record['hidden_layer_map']}")
+    return 0
+
+
+def cmd_bench_train(args) -> int:
+    from kdcache.pipeline.bench.train import run
+
+    return run(args)
+
+
+def register(subparsers) -> None:
+    """Add `init-student` and `train` to the `kdcache` subcommands."""
+    s = subparsers.add_parser("init-student", help="make a student from a teacher's weights (never runs the teacher)")
+    s.add_argument("--teacher", required=True, help="teacher folder (save_pretrained layout)")
+    s.add_argument("--out", required=True, help="student folder to write")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--layers", default=None, help="teacher blocks to copy, 0-based, e.g. 0,2,4,7,9,11")
+    g.add_argument("--num-layers", type=int, default=None, help="student depth (blocks spread evenly)")
+    s.add_argument("--hidden-size", type=int, default=None, help="narrower student: random init (TinyBERT style)")
+    s.add_argument("--intermediate-size", type=int, default=None, help="FFN width (default keeps the ratio)")
+    s.add_argument("--num-heads", type=int, default=None, help="attention heads")
+    s.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the teacher")
+    s.add_argument("--allow-pickle", action="store_true",
+                   help="accept pickle (.bin) teacher weights, loaded with weights_only=True")
+    s.add_argument("--seed", type=int, default=0, help="seed for randomly initialised weights")
+    s.add_argument("--embedding-init", choices=("random", "pca"), default="random",
+                   help="narrower student: embedding tables random, or the teacher's projected onto their top "
+                        "principal directions (pca)")
+    s.add_argument("--json", action="store_true", help="print the student record as one JSON object (last line)")
+    s.set_defaults(func=cmd_init_student)
+
+    s = subparsers.add_parser("train", help="train a student from a cache with Ray Train (the teacher is not loaded)")
+    _add_train_args(s)
+    s.set_defaults(func=cmd_train)
+
+
+def register_bench(bench_subparsers) -> None:
+    """Add `bench train` and `bench quality` to the `kdcache bench` subcommands."""
+    from kdcache.pipeline.bench.train import add_arguments
+
+    s = bench_subparsers.add_parser("train", help="cache-path overhead, cached vs online KD, reader vs trainer "
+                                                  "throughput, streaming memory, Ray Train start-up")
+    add_arguments(s)
+    s.set_defaults(func=cmd_bench_train)
+
+    from kdcache.pipeline.bench import quality
+
+    s = bench_subparsers.add_parser("quality", help="eval KL to the teacher: a student trained from the cache vs "
+                                                    "the same student trained with online KD")
+    quality.add_arguments(s)
+    s.set_defaults(func=quality.run)

@@ -1,0 +1,32 @@
+"""Where work runs: the Ray connection (one place starts or joins a cluster) and the device and AMP
+dtype of a forward (one rule for the teacher pass and for training)."""
+from __future__ import annotations
+
+import os
+import torch
+
+
+def init_ray(address: str | None, num_cpus: int | None = None) -> bool:
+    """Connect to RAY_ADDRESS / --address, or start a local cluster; True if this call started one.
+
+    Never starts a second cluster inside a Ray job (RAY_ADDRESS is set there), and binds the local
+    dashboard to loopback.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return False
+    ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=True,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE":
+                                       os.environ.get("HF_HUB_OFFLINE", "0")}})
+    return True
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)

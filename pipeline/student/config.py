@@ -1,0 +1,125 @@
+"""Every option of `kdcache train` in one dataclass (`TrainConfig`: YAML keys, flags and their help
+come from its fields) and the one way to build it: recipe < --config < flags < key=value."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class TrainConfig:
+    """Every option of `kdcache train` (YAML keys = these names; key=value overrides any)."""
+
+    cache: str = ""  # cache directory or URL
+    student: str = ""  # student folder (save_pretrained layout, e.g. from `kdcache init-student`)
+    out: str = ""  # run folder: student/, metrics.jsonl, tb/, ray/ (checkpoints)
+    recipe: str = ""  # the recipe this config started from (kept for the record)
+
+    # -- what to optimise: a preset of kdcache.pipeline.student.losses, then per-field overrides ------------------
+    loss: str = "distilbert"  # distilbert | tinybert-general | tinybert-task | lm
+    preset_args: dict | None = None  # extra preset arguments, e.g. {stage: intermediate}, {kd: sampled}
+    loss_weights: dict | None = None  # merged over the preset's weights; 0 disables a term
+    temperature: float | None = None
+    kd_tail: str | None = None  # bucket | renorm
+    kd_positions: str = "all"  # all | masked (KD only at the cached mask positions)
+    layer_map: str = "auto"  # auto (student's kdcache_student.json, else the preset's) | "0:0,1:4,..."
+    cos_layer: str | None = None  # "6:12" (student:teacher hidden-state index); default: preset's
+    attention_kind: str | None = None  # probs | kl
+    average_heads: bool | None = None
+    per_layer_projection: bool | None = None
+
+    # -- optimisation --------------------------------------------------------------------------
+    steps: int = 0  # optimiser steps; 0 = one pass over the smallest rank's rows
+    batch_size: int = 32  # rows per worker per step
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # used when warmup_steps is 0: share of `steps`
+    schedule: str = "linear"  # linear | cosine | constant (after warmup)
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    seed: int = 0
+    shuffle: bool = False  # seeded shard-order shuffle per epoch (rows inside a shard keep their order)
+
+    # -- checkpoints and failures --------------------------------------------------------------
+    checkpoint_every: int = 100  # steps; the last step is always checkpointed
+    keep_checkpoints: int = 2
+    max_failures: int = 0  # worker failures Ray Train recovers from (restarting at the last checkpoint)
+
+    # -- where it runs -------------------------------------------------------------------------
+    workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.0  # 0 = auto: 1 per GPU worker; on CPU (cluster CPUs - 1) / workers, <= 1
+    threads: int = 0  # torch intra-op threads per worker (0 = leave torch's / Ray's choice)
+    storage_path: str = ""  # Ray Train checkpoints: a folder or URL (default: <out>/ray)
+    run_name: str = ""  # Ray Train run name (default: derived from --out, so a re-run resumes)
+    address: str | None = None  # Ray cluster (default: RAY_ADDRESS, else a local one)
+    no_ray: bool = False  # in-process loop, one worker (benchmarks, debugging); resumes from <out>/checkpoints
+    autocast: str = "auto"  # auto (bf16 on GPU, off on CPU) | bfloat16 | float16 | none
+    verify: str = "full"  # shard checks on open: full (checksum) | size | off
+    prefetch: int = 2  # batches decoded ahead in a background thread (0 = none)
+
+    # -- output --------------------------------------------------------------------------------
+    log_every: int = 1  # metrics.jsonl / TensorBoard every N steps
+    student_url: str = ""  # also copy the final student here: a folder or URL (s3://bucket/students/d6)
+    progress: bool = True
+    tensorboard: bool = True
+    check_tokenizer: bool = True  # compare the student's tokenizer fingerprint with the cache's
+    trust_remote_code: bool = False
+    student_factory: str | None = None  # "module:function" -> nn.Module, called with the config dict
+
+    # -- test hooks (inert by default) ---------------------------------------------------------
+    # fail on rank `fail_rank` just before each of these steps, once per --out (Ray Train's restart path):
+    # "5" raises, "5:kill" SIGKILLs the worker process
+    fail_at_step: list[str] = field(default_factory=list)
+    fail_rank: int = 0
+    log_samples: bool = False  # write <out>/samples/rank-R.jsonl: the sample ids of every step
+
+
+DICT_FIELDS = ("preset_args", "loss_weights")
+
+
+RAW_FIELDS = ("layer_map", "cos_layer")  # "S:T" strings
+
+
+def load_train_config(recipe: str | None = None, config: str | None = None, flags: dict | None = None,
+                      overrides: list[str] | None = None) -> TrainConfig:
+    """recipe YAML < user YAML (`--config`) < flags < key=value (`loss_weights.cos=0` edits one entry).
+
+    Each YAML is first loaded alone through `build_config`, so an unknown key or a bad value is
+    reported with the file it came from.
+    """
+    import yaml
+
+    from kdcache.pipeline.common.config import build_config
+    from kdcache.pipeline.student.recipes import recipe_path
+
+    user: dict[str, Any] = {}
+    if config:
+        build_config(TrainConfig, config)
+        user = yaml.safe_load(Path(config).read_text()) or {}
+    recipe = recipe or (flags or {}).get("recipe") or user.get("recipe")
+    layers: dict[str, Any] = {}
+    if recipe:
+        path = recipe_path(recipe)
+        build_config(TrainConfig, path)
+        layers.update(yaml.safe_load(path.read_text()) or {})
+        layers["recipe"] = recipe
+    layers.update(user)
+    layers.update({k: v for k, v in (flags or {}).items() if v is not None})
+
+    plain: list[str] = []
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        head, dot, sub = key.partition(".")
+        name = head.replace("-", "_")
+        if sep and dot and name in DICT_FIELDS:
+            # Dotted keys edit one entry of a dict field instead of replacing the whole dict.
+            layers[name] = {**(layers.get(name) or {}), sub: yaml.safe_load(value)}
+        elif sep and not dot and name in RAW_FIELDS:
+            layers[name] = value  # not through YAML, which reads "6:12" as the base-60 integer 372
+        else:
+            plain.append(item)
+    return build_config(TrainConfig, None, layers, plain)

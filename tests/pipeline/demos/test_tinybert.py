@@ -1,0 +1,53 @@
+"""README command 1 in its quick profile: real teacher, real text, Ray actors, Ray Train, offline."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_demo_quick_runs_both_stages_evaluates_and_reuses_its_work(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "kdcache.pipeline.cli.main", "demo", "--quick", "--out", str(out), "--json"]
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    report = json.loads(first.stdout.strip().splitlines()[-1])
+    # The evaluation JSON: every key scripts rely on, measured on the held-out test split.
+    for key in ("teacher_params", "student_params", "speedup_batch1", "speedup_batch32", "quality_retained",
+                "baseline_quality_retained"):
+        assert isinstance(report[key], (int, float)), key
+    assert report["teacher_params"] > 2 * report["student_params"]
+    assert report["test_examples"] == 400 and report["teacher_pass_forward_calls"] > 0
+    models = report["models"]
+    assert set(models) == {"teacher", "student", "baseline"}
+    assert models["student"]["params"] == models["baseline"]["params"]  # same shape
+    for run, steps in (("general", 40), ("task-intermediate", 25), ("task-pred", 50), ("baseline", 75)):
+        rows = [json.loads(x) for x in (out / run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == list(range(1, steps + 1)), run
+        if run in ("general", "task-intermediate"):  # the MSE losses fall fast; quick's task runs are too short
+            first, last = (sum(r["loss"] for r in part) / 5 for part in (rows[:5], rows[-5:]))
+            assert last < 0.8 * first, run
+    text = (out / "report" / "report.md").read_text()
+    assert report["headline"] in text and "keeps" in report["headline"]
+    assert (out / "report" / "size_speed_quality.png").stat().st_size > 0
+    assert (out / "report" / "training_curves.png").stat().st_size > 0
+    # Splits are disjoint: no test text was distilled on.
+    texts = {s: {json.loads(x)["text"] for x in (out / "data" / f"{s}-{n}.jsonl").read_text().splitlines()}
+             for s, n in (("train", 800), ("test", 400))}
+    assert not texts["train"] & texts["test"]
+    # Again: every cache, the fine-tuned teacher and the finished runs are reused; no teacher inference.
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    again = json.loads(second.stdout.strip().splitlines()[-1])
+    assert again["teacher_pass_forward_calls"] == 0 and "no new inference" in second.stdout
+    assert "already fine-tuned" in second.stdout
+    assert again["models"]["student"]["accuracy"] == models["student"]["accuracy"]
