@@ -332,3 +332,8 @@ def upload_folder(local: str | os.PathLike, url: str, storage_options: dict[str,
             loc.makedirs(*rel.split("/")[:-1])
         loc._call(lambda p=p, rel=rel: loc.fs.put_file(str(p), loc.path(rel)), rel)
     return loc.url
+
+
+def is_url(path: str) -> bool:
+    """A URL (s3://, gs://, file://, ...) rather than a local path: the one test every module uses."""
+    return "://" in str(path)

@@ -121,7 +121,8 @@ class Manifest:
         }
 
 
-def _kdcache_version() -> str:
+def kdcache_version() -> str:
+    """The installed distribution's version (what manifests record and `kdcache --version` prints)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -133,7 +134,7 @@ def _kdcache_version() -> str:
 def write_manifest(loc: Location, header: Header, shards: list[ShardInfo]) -> Manifest:
     manifest = Manifest(header=header, shards=sorted(shards, key=lambda s: s.index),
                         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                        kdcache_version=_kdcache_version())
+                        kdcache_version=kdcache_version())
     loc.write_text_atomic(MANIFEST, json.dumps(manifest.to_json(), indent=1) + "\n")
     return manifest
 

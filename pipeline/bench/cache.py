@@ -76,11 +76,12 @@ def _bare_tokens_per_s(prep, batches: list[dict[str, Any]], device: str) -> floa
     """model(**batch) and nothing else, on the teacher pass's own batches."""
     import torch
 
-    from kdcache.pipeline.teacher_pass.teacher import autocast_dtype, load_teacher, teacher_options_from
+    from kdcache.pipeline.common.runtime import amp_dtype
+    from kdcache.pipeline.teacher_pass.teacher import load_teacher, teacher_options_from
 
     model, _, _ = load_teacher(teacher_options_from(prep.cfg), need_attentions=bool(prep.spec.attention_layers))
     dev = next(model.parameters()).device
-    amp = autocast_dtype(teacher_options_from(prep.cfg), dev)
+    amp = amp_dtype(prep.cfg.autocast, dev)
     want_h, want_a = bool(prep.spec.hidden_layers), bool(prep.spec.attention_layers)
 
     def forward(batch):

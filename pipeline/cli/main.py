@@ -5,15 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from importlib.metadata import PackageNotFoundError, version
 from kdcache.pipeline.common.jsonout import print_json
-
-
-def _version() -> str:
-    try:
-        return version("kdcache")
-    except PackageNotFoundError:
-        return "unknown"
+from kdcache.storage.manifest import kdcache_version
 
 
 
@@ -202,7 +195,7 @@ def cmd_eval(args) -> int:
 # -- parser ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kdcache", description="Run the teacher once; distil many students from its cache.")
-    p.add_argument("--version", action="version", version=f"kdcache {_version()}")
+    p.add_argument("--version", action="version", version=f"kdcache {kdcache_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     s = sub.add_parser("plan", help="sequences, tokens, bytes per column and teacher time, before anything runs")

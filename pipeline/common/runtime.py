@@ -26,6 +26,13 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> bool:
     return True
 
 
+def amp_dtype(choice: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a forward, teacher's or student's: `auto` = bf16 on a GPU, none on a CPU."""
+    if choice == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[choice]
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple
 import fsspec
 import xxhash
 
-from kdcache.storage.fs import redact
+from kdcache.storage.fs import is_url, redact
 
 logger = logging.getLogger(__name__)
 
@@ -174,10 +174,6 @@ class _Record(NamedTuple):
 # ---------------------------------------------------------------------------
 
 
-def _is_url(path: str) -> bool:
-    return "://" in path
-
-
 def expand_paths(patterns: Iterable[str]) -> list[str]:
     """Expand globs into a deterministic file list (see ``CorpusSpec.paths``).
 
@@ -186,7 +182,7 @@ def expand_paths(patterns: Iterable[str]) -> list[str]:
     """
     out: list[str] = []
     for pattern in patterns:
-        if _is_url(pattern):
+        if is_url(pattern):
             fs, path = fsspec.core.url_to_fs(pattern)
             if glob.has_magic(path):
                 matches = sorted(fs.unstrip_protocol(m) for m in fs.glob(path))

@@ -45,7 +45,9 @@ import torch.nn as nn
 
 from kdcache.pipeline.common import allocator
 from kdcache.pipeline.common.hf import TOKENIZER_FILES, import_user_object
+from kdcache.pipeline.common.runtime import amp_dtype
 from kdcache.pipeline.student.config import TrainConfig
+from kdcache.storage.fs import is_url
 
 # --------------------------------------------------------------------------------------------- #
 # config
@@ -616,15 +618,9 @@ def build_components(cfg: TrainConfig, plan: RunPlan, device: torch.device, worl
     loss_fn = DistillLoss(plan.loss_spec, plan.student["hidden_size"], plan.teacher_hidden, cfg.kd_positions).to(device)
     optimizer = build_optimizer(cfg, [student, loss_fn])
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    amp = _amp_dtype(cfg.autocast, device)
+    amp = amp_dtype(cfg.autocast, device)
     return Components(student, loss_fn, optimizer, build_scheduler(cfg, optimizer, plan.steps), params, device, amp,
                       world_size, cfg.max_grad_norm)
-
-
-def _amp_dtype(choice: str, device: torch.device) -> torch.dtype | None:
-    if choice == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[choice]
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -995,25 +991,21 @@ def _finish(cfg: TrainConfig, plan: RunPlan, c: Components, out: Path, step: int
 # --------------------------------------------------------------------------------------------- #
 
 
-def _is_url(path: str) -> bool:
-    return "://" in path
-
-
 def normalize(cfg: TrainConfig) -> TrainConfig:
     """Absolute local paths (Ray Train workers run in their own working directory) and defaults."""
     if not cfg.out:
         raise ValueError("kdcache train needs --out (the run folder)")
-    if _is_url(cfg.out):
+    if is_url(cfg.out):
         raise ValueError("--out must be a local (or mounted shared) folder; put checkpoints on object storage "
                          "with --storage-path, and the final student with student_url=s3://...")
     changes: dict[str, Any] = {"out": str(Path(cfg.out).resolve())}
     for name in ("cache", "student"):
         value = getattr(cfg, name)
-        if value and not _is_url(value):
+        if value and not is_url(value):
             changes[name] = str(Path(value).resolve())
     out = changes["out"]
     sp = cfg.storage_path or os.path.join(out, "ray")
-    changes["storage_path"] = sp if _is_url(sp) else str(Path(sp).resolve())
+    changes["storage_path"] = sp if is_url(sp) else str(Path(sp).resolve())
     changes["run_name"] = cfg.run_name or f"kdcache-{Path(out).name}-{hashlib.sha256(out.encode()).hexdigest()[:8]}"
     return dataclasses.replace(cfg, **changes)
 
@@ -1029,7 +1021,7 @@ def validate(cfg: TrainConfig) -> dict[str, Any]:
 def _latest_state(cfg: TrainConfig) -> tuple[dict | None, str]:
     """The newest checkpoint's state.json under this run's storage (local storage only)."""
     roots = [Path(cfg.out) / "checkpoints"] if cfg.no_ray else (
-        [] if _is_url(cfg.storage_path) else [Path(cfg.storage_path) / cfg.run_name])
+        [] if is_url(cfg.storage_path) else [Path(cfg.storage_path) / cfg.run_name])
     for root in roots:
         if not cfg.no_ray:
             # Ray Train resumes from the checkpoint its snapshot names; a folder written but not yet registered

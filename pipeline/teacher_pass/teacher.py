@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 from kdcache.pipeline.common.hf import hash_json, check_weights, detect_kind
-from kdcache.pipeline.common.runtime import resolve_device
+from kdcache.pipeline.common.runtime import amp_dtype, resolve_device
 
 # Rows per CPU top-k block: ~4M float32 values (16 MB, 137 rows of a 30k vocabulary) stay in cache.
 _CPU_TOPK_BLOCK_VALUES = 1 << 22
@@ -41,13 +41,6 @@ def teacher_options_from(cfg) -> "TeacherOptions":
                           trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, device=cfg.device,
                           autocast=cfg.autocast)
 
-
-
-def autocast_dtype(opts: TeacherOptions, device: torch.device) -> torch.dtype | None:
-    choice = opts.autocast
-    if choice == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[choice]
 
 
 
@@ -165,7 +158,7 @@ class TeacherRunner:
     def __init__(self, model, kind: str, out: OutputSpec, opts: TeacherOptions):
         self.model, self.kind, self.out = model, kind, out
         self.device = next(model.parameters()).device
-        self.amp = autocast_dtype(opts, self.device)
+        self.amp = amp_dtype(opts.autocast, self.device)
         n_layers = model.config.num_hidden_layers
         for layer in out.hidden_layers:
             if not 0 <= layer <= n_layers:
