@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .codecs import decode_dense, dense_element_type, encode_dense
+from .dense_forms import get_dense_form
 from .errors import ColumnError
 from .schema import CacheSpec
 
@@ -62,12 +62,6 @@ def _check_stored(name: str, arr: np.ndarray, shape: tuple[int, ...], element: p
     if pa.from_numpy_dtype(arr.dtype) != element:
         raise ValueError(f"column {name!r}: encoded leaf has dtype {arr.dtype}, expected {element}")
     return arr
-
-
-def _is_stored(arr: np.ndarray, form: str) -> bool:
-    """A dense column given in its storage form (integer codes, or float16 for float16) is encoded."""
-    return pa.from_numpy_dtype(arr.dtype) == dense_element_type(form) and (
-        form == "float16" or not np.issubdtype(arr.dtype, np.floating))
 
 
 def to_record_batch(batch: Mapping[str, Any], spec: CacheSpec, schema: pa.Schema) -> pa.RecordBatch:
@@ -144,22 +138,24 @@ def to_record_batch(batch: Mapping[str, Any], spec: CacheSpec, schema: pa.Schema
             _offsets(valid.sum(axis=1)), pa.array(tok_w[valid].astype(np.float16), type=pa.float16()))
         cols["sample_weights"] = _list(lengths, per_token_w, fields["sample_weights"].type)
 
+    hidden_form = get_dense_form(spec.hidden_dtype)
     for layer in spec.hidden_layers:
         name = spec.hidden_column(layer)
         hidden = _check(batch, name, (B, T, spec.hidden_size))
-        if _is_stored(hidden, spec.hidden_dtype):
+        if hidden_form.is_stored(hidden):
             stored = real(hidden)
-            if spec.hidden_dtype == "int8":
+            if hidden_form.scaled:
                 scale = _check_stored(f"{name}_scale", _check(batch, f"{name}_scale", (B, T)), (B, T), pa.float32())
                 params = {"scale": real(scale)}
         else:
-            stored, params = encode_dense(real(hidden), spec.hidden_dtype)
+            stored, params = hidden_form.encode(real(hidden))
         cols[name] = _token_list(fields[name], stored, lengths)
-        if spec.hidden_dtype == "int8":
+        if hidden_form.scaled:
             cols[f"{name}_scale"] = _token_list(fields[f"{name}_scale"], np.asarray(params["scale"], np.float32),
                                                 lengths)
 
     if spec.attention_layers:
+        attention_form = get_dense_form(spec.attention_dtype)
         H = spec.num_heads
         q = np.arange(T)
         mask4 = (q[None, None, :, None] < lengths[:, None, None, None]) & (q[None, None, None, :] < lengths[:, None, None, None])
@@ -170,7 +166,7 @@ def to_record_batch(batch: Mapping[str, Any], spec: CacheSpec, schema: pa.Schema
             name = spec.attention_column(layer)
             attn = _check(batch, name, (B, H, T, T))
             values = attn.reshape(-1) if full else attn[mask4]
-            stored = values if _is_stored(attn, spec.attention_dtype) else encode_dense(values, spec.attention_dtype)[0]
+            stored = values if attention_form.is_stored(attn) else attention_form.encode(values)[0]
             ftype = fields[name].type  # fixed_size_list<list<list<elem>>, heads>
             keys = _list(key_sizes, pa.array(stored, type=ftype.value_type.value_type.value_type),
                          ftype.value_type.value_type)
@@ -269,16 +265,17 @@ def to_numpy(rb: pa.RecordBatch, spec: CacheSpec, pad_to: int | None = None) -> 
             dense = _pad_tokens(vals, counts, n_max)  # (N, n_max)
             out[name] = _pad_tokens(dense, lengths, width)
 
+    hidden_form = get_dense_form(spec.hidden_dtype)
     for layer in spec.hidden_layers:
         name = spec.hidden_column(layer)
         if name in names:
             stored = _leaf(rb.column(name), 2).reshape(-1, spec.hidden_size)
             params = {}
-            if spec.hidden_dtype == "int8":
+            if hidden_form.scaled:
                 if f"{name}_scale" not in names:
-                    raise ColumnError(f"{name} is int8: also project {name}_scale")
+                    raise ColumnError(f"{name} is {hidden_form.name}: also project {name}_scale")
                 params["scale"] = _leaf(rb.column(f"{name}_scale"), 1)
-            out[name] = _pad_tokens(decode_dense(stored, spec.hidden_dtype, params), lengths, width)
+            out[name] = _pad_tokens(hidden_form.decode(stored, params), lengths, width)
 
     for layer in spec.attention_layers:
         name = spec.attention_column(layer)
@@ -288,7 +285,7 @@ def to_numpy(rb: pa.RecordBatch, spec: CacheSpec, pad_to: int | None = None) -> 
             dense = np.zeros((len(lengths), H, width, width), dtype=np.float32)
             q = np.arange(width)
             m = (q[None, :, None] < lengths[:, None, None]) & (q[None, None, :] < lengths[:, None, None])
-            dense[np.broadcast_to(m[:, None], dense.shape)] = decode_dense(stored, spec.attention_dtype, {})
+            dense[np.broadcast_to(m[:, None], dense.shape)] = get_dense_form(spec.attention_dtype).decode(stored)
             out[name] = dense
     if "task_logits" in names:
         out["task_logits"] = _leaf(rb.column("task_logits"), 1).reshape(-1, spec.num_labels).astype(np.float32)

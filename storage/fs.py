@@ -200,6 +200,11 @@ class RetryingReader(io.RawIOBase):
         super().close()
 
 
+# What fsspec backends report that changes whenever a file is rewritten: local mtime, ctime and
+# inode; S3 ETag and LastModified; GCS generation; a memory file's creation time.
+_CHANGE_KEYS = ("mtime", "created", "ino", "ETag", "LastModified", "generation")
+
+
 @dataclass
 class Location:
     """A directory on some filesystem, addressed by URL or local path."""
@@ -240,6 +245,16 @@ class Location:
 
     def size(self, *parts: str) -> int:
         return int(self._call(lambda: self.fs.size(self.path(*parts)), *parts))
+
+    def stat(self, *parts: str) -> tuple[int, tuple[str, ...] | None]:
+        """(size, change stamp) of a file; the stamp is None where the filesystem reports none."""
+        info = self._call(lambda: self.fs.info(self.path(*parts)), *parts)
+        stamp = tuple(f"{k}={info[k]}" for k in _CHANGE_KEYS if info.get(k) is not None)
+        return int(info["size"]), stamp or None
+
+    def full_url(self, *parts: str) -> str:
+        """The file's URL with its protocol (no credentials): its identity within a process."""
+        return self.fs.unstrip_protocol(self.path(*parts))
 
     def makedirs(self, *parts: str) -> None:
         self.fs.makedirs(self.path(*parts), exist_ok=True)

@@ -19,6 +19,9 @@ from .schema import FORMAT_VERSION, CacheSpec, build_schema, schema_to_json
 MANIFEST = "manifest.json"
 INTENT = "intent.json"  # what a pass set out to write; lets a resumed pass prove it has the same options
 SHARD_DIR = "shards"
+# Run logs of the passes that wrote this cache (`kdcache cache` writes kdcache.log here): not data;
+# readers, `verify` and a resumed pass ignore it.
+LOG_DIR = "logs"
 
 
 def _sha256(obj: Any) -> str:

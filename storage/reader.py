@@ -23,6 +23,12 @@ VERIFY_MODES = ("full", "size", "off")
 # Group names a caller may project instead of listing every column of a kind.
 _ALWAYS = ("sample_id", "length")
 
+# Shards whose whole-file checksum this process has matched, as (file URL, size, change stamp,
+# checksum). The trainer opens every shard again each epoch, often through a new reader; one hash
+# per process is enough because page CRCs still guard every page read, and a file whose size or
+# stamp changed since is a new key, hashed again.
+_verified: set[tuple] = set()
+
 
 def assign_shards(shards: Sequence[ShardInfo], rank: int, world_size: int) -> list[ShardInfo]:
     """Deterministic, disjoint, complete: shard i goes to rank i % world_size (in shard-index order)."""
@@ -81,23 +87,28 @@ class CacheReader:
         return [self.loc.path(s.file) for s in (self.shards if shards is None else shards)]
 
     # -- one shard --------------------------------------------------------------------------------
-    def open_shard(self, info: ShardInfo) -> pq.ParquetFile:
-        """Open a shard after checking it against the manifest (size, checksum, schema, rows)."""
+    def open_shard(self, info: ShardInfo, rehash: bool = False) -> pq.ParquetFile:
+        """Open a shard after checking it against the manifest (size, checksum, schema, rows).
+
+        With `verify="full"` the whole-file checksum is computed once per process and file version
+        (see `_verified`); `rehash` computes it again regardless (`kdcache verify`).
+        """
         where = self.loc.display(info.file)
         if not self.loc.exists(info.file):
             raise ShardError(f"{where} is listed in the manifest but missing; restore it or re-run "
                              "`kdcache cache` with --overwrite")
         if self.verify in ("full", "size"):
-            size = self.loc.size(info.file)
+            size, stamp = self.loc.stat(info.file)
             if size != info.bytes:
                 raise ShardError(f"{where} is {size} bytes but the manifest says {info.bytes} (truncated or "
                                  "replaced); re-run `kdcache cache` with --overwrite to rebuild it")
         if self.verify == "full":
-            with self.loc.open(info.file) as f:
-                digest, _ = checksum_stream(f)
-            if digest != info.checksum:
-                raise ShardError(f"{where}: checksum {digest} != manifest {info.checksum} (the file is corrupt); "
-                                 "re-run `kdcache cache` with --overwrite, or restore the file from a copy")
+            key = (self.loc.full_url(info.file), size, stamp, info.checksum)
+            # Without a change stamp a rewritten file of the same size would look verified: hash it.
+            if rehash or stamp is None or key not in _verified:
+                self._check_checksum(info)
+                if stamp is not None:
+                    _verified.add(key)
         try:
             pf = pq.ParquetFile(self.loc.open(info.file), page_checksum_verification=self.verify != "off")
         except (pa.ArrowException, OSError) as exc:
@@ -109,6 +120,14 @@ class CacheReader:
         if pf.metadata.num_rows != info.rows:
             raise ShardError(f"{where} holds {pf.metadata.num_rows} rows but the manifest says {info.rows}")
         return pf
+
+    def _check_checksum(self, info: ShardInfo) -> None:
+        with self.loc.open(info.file) as f:
+            digest, _ = checksum_stream(f)
+        if digest != info.checksum:
+            raise ShardError(f"{self.loc.display(info.file)}: checksum {digest} != manifest {info.checksum} "
+                             "(the file is corrupt); re-run `kdcache cache` with --overwrite, or restore the file "
+                             "from a copy")
 
     # -- streaming --------------------------------------------------------------------------------
     def iter_batches(self, columns: Iterable[str] | None = None, *, batch_size: int = 256, rank: int = 0,
@@ -158,11 +177,6 @@ class CacheReader:
                    **kwargs) -> Iterator[dict[str, np.ndarray]]:
         for rb in self.iter_batches(columns, **kwargs):
             yield to_numpy(rb, self.spec, pad_to=pad_to)
-
-    def iter_torch(self, columns: Iterable[str] | None = None, **kwargs) -> Iterator[dict[str, Any]]:
-        """Padded torch tensors (CPU, pinned-able); `source` stays a numpy object array."""
-        for batch in self.iter_numpy(columns, **kwargs):
-            yield numpy_to_torch(batch)
 
 
 def numpy_to_torch(batch: dict[str, np.ndarray]) -> dict[str, Any]:

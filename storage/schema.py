@@ -15,16 +15,13 @@ from typing import Any
 import pyarrow as pa
 
 from .codecs import DEFAULT_TOPK_CODEC, get_topk_codec, narrowest_uint
+from .dense_forms import forms_for, get_dense_form
 
 FORMAT_VERSION = 1
 
 TARGET_KINDS = ("topk", "sampled", "none")
-HIDDEN_FORMS = ("float16", "bfloat16", "int8")
-ATTENTION_FORMS = ("float16", "bfloat16", "uint8")
-
-# Field metadata keys: how to turn stored values back into numbers without kdcache.
-META_DTYPE = b"kdcache.dtype"
-META_SHAPE = b"kdcache.shape"
+HIDDEN_FORMS = forms_for("hidden")
+ATTENTION_FORMS = forms_for("attention")
 
 
 @dataclass(frozen=True)
@@ -115,11 +112,6 @@ def _meta(**values: Any) -> dict[bytes, bytes]:
     return {f"kdcache.{k}".encode(): (v if isinstance(v, str) else json.dumps(v)).encode() for k, v in values.items()}
 
 
-def _dense_type(form: str) -> pa.DataType:
-    # bfloat16 has no Arrow type: its bit pattern is stored as uint16 and tagged in field metadata.
-    return {"float16": pa.float16(), "bfloat16": pa.uint16(), "int8": pa.int8(), "uint8": pa.uint8()}[form]
-
-
 def build_schema(spec: CacheSpec) -> pa.Schema:
     """The Arrow schema every shard of a cache with these options has, column for column."""
     token_id = pa.from_numpy_dtype(narrowest_uint(spec.vocab_size - 1))
@@ -157,16 +149,17 @@ def build_schema(spec: CacheSpec) -> pa.Schema:
             pa.field("sample_weights", pa.list_(pa.list_(pa.float16())), nullable=False,
                      metadata=_meta(shape=["length", "unique draws"], doc="RS-KD importance weights, sum 1")),
         ]
+    hidden_form = get_dense_form(spec.hidden_dtype)
     for layer in spec.hidden_layers:
-        elem = _dense_type(spec.hidden_dtype)
+        elem = hidden_form.element_type
         meta = _meta(dtype=spec.hidden_dtype, shape=["length", spec.hidden_size], layer=layer)
         fields.append(pa.field(spec.hidden_column(layer), pa.list_(pa.list_(elem, spec.hidden_size)),
                                nullable=False, metadata=meta))
-        if spec.hidden_dtype == "int8":
+        if hidden_form.scaled:
             fields.append(pa.field(f"{spec.hidden_column(layer)}_scale", pa.list_(pa.float32()), nullable=False,
                                    metadata=_meta(shape=["length"], doc="per-token absmax/127")))
     for layer in spec.attention_layers:
-        elem = _dense_type(spec.attention_dtype)
+        elem = get_dense_form(spec.attention_dtype).element_type
         meta = _meta(dtype=spec.attention_dtype, shape=["heads", "length", "length"], layer=layer,
                      doc="post-softmax attention probabilities over the row's real tokens")
         fields.append(pa.field(spec.attention_column(layer),

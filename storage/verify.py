@@ -42,7 +42,7 @@ def verify_cache(url: str, storage_options: dict[str, Any] | None = None) -> tup
         # once, not again as "ids missing" next to its neighbours.
         ranges.append((info.sample_id_first, info.sample_id_last, where))
         try:
-            pf = reader.open_shard(info)  # size, checksum, footer, schema, rows
+            pf = reader.open_shard(info, rehash=True)  # size, checksum, footer, schema, rows
         except CacheError as exc:
             problems.append(Problem(where, str(exc).replace(where + ": ", "").replace(where + " ", "")))
             continue

@@ -23,9 +23,10 @@ import pyarrow.parquet as pq
 
 from .checksum import HashingWriter
 from .columns import to_record_batch
+from .dense_forms import get_dense_form
 from .errors import CacheError, CacheExistsError, ManifestError
 from .fs import TMP_PREFIX, Location
-from .manifest import INTENT, MANIFEST, SHARD_DIR, Header, Manifest, ShardInfo, read_manifest, shard_name, write_manifest
+from .manifest import INTENT, LOG_DIR, MANIFEST, SHARD_DIR, Header, Manifest, ShardInfo, read_manifest, shard_name, write_manifest
 from .schema import CacheSpec, build_schema
 
 
@@ -96,10 +97,16 @@ def _leaf_paths(schema: pa.Schema) -> dict[str, list[str]]:
 _PLAIN_COLUMNS = {"sample_id", "length", "label", "source"}
 
 
-def _leaf_type(t: pa.DataType) -> pa.DataType:
-    while pa.types.is_list(t) or pa.types.is_fixed_size_list(t):
-        t = t.value_type
-    return t
+def _unsplit_columns(spec: CacheSpec) -> set[str]:
+    """Columns whose leaves stay PLAIN: row-level scalars, and the codes of a dense form that
+    measured smaller without the split (int8 hidden states: 0.97 vs 1.16 B/value on SmolLM2,
+    docs/performance.md)."""
+    out = set(_PLAIN_COLUMNS)
+    if not get_dense_form(spec.hidden_dtype).byte_stream_split:
+        out |= {spec.hidden_column(layer) for layer in spec.hidden_layers}
+    if not get_dense_form(spec.attention_dtype).byte_stream_split:
+        out |= {spec.attention_column(layer) for layer in spec.attention_layers}
+    return out
 
 
 def parquet_writer_kwargs(spec: CacheSpec, schema: pa.Schema, options: WriteOptions) -> dict[str, Any]:
@@ -112,10 +119,9 @@ def parquet_writer_kwargs(spec: CacheSpec, schema: pa.Schema, options: WriteOpti
     leaves = _leaf_paths(schema)
     encodings: dict[str, str] = {}
     if options.byte_stream_split:
+        unsplit = _unsplit_columns(spec)
         for field in schema:
-            # int8 hidden-state codes are the exception: they measured smaller without the split
-            # (0.97 vs 1.16 B/value on SmolLM2, docs/performance.md).
-            if field.name not in _PLAIN_COLUMNS and _leaf_type(field.type) != pa.int8():
+            if field.name not in unsplit:
                 for leaf in leaves[field.name]:
                     encodings[leaf] = "BYTE_STREAM_SPLIT"
     # Levels, like encodings, are keyed by leaf path: a list column's name matches none of its leaves,
@@ -256,7 +262,7 @@ class CacheWriter:
     def _claim(self, overwrite: bool) -> None:
         found, what = self._existing_header()
         if found is None:
-            foreign = [n for n in self.loc.listdir() if n not in (SHARD_DIR,) and not n.startswith(TMP_PREFIX)]
+            foreign = [n for n in self.loc.listdir() if n not in (SHARD_DIR, LOG_DIR) and not n.startswith(TMP_PREFIX)]
             if foreign:
                 raise CacheExistsError(f"{self.loc.display()} is not empty and holds no kdcache cache "
                                        f"({', '.join(foreign[:5])}...); choose an empty or new --out directory")

@@ -122,3 +122,19 @@ def test_no_module_imports_the_generic_top_level_names():
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
             bad += [f"{module}: {n}" for n in names if n.split(".")[0] in ("pipeline", "storage")]
     assert bad == []
+
+
+@pytest.mark.slow
+def test_a_built_wheel_installs_every_wing_under_kdcache(tmp_path):
+    """What a non-editable `pip install .` (the cluster image) ships: every package and its data files."""
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(ROOT)], check=True, capture_output=True, timeout=600)
+    (wheel,) = tmp_path.glob("kdcache-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    folders = {n.rsplit("/", 1)[0].replace("/", ".") for n in names if n.endswith("/__init__.py")}
+    assert folders == set(PYPROJECT["tool"]["setuptools"]["packages"])
+    assert not [n for n in names if n.split("/")[0] in ("pipeline", "storage", "tests")]
+    recipes = [n for n in names if n.startswith("kdcache/pipeline/student/recipes/") and n.endswith(".yaml")]
+    assert len(recipes) == len(list((ROOT / "pipeline/student/recipes").glob("*.yaml"))) > 0

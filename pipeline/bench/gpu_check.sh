@@ -21,7 +21,7 @@ PY=${PY:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null | tee "$OUT/gpu.txt"
 $PY -c "import torch, transformers, pyarrow, numpy, os; print('torch', torch.__version__, 'transformers', transformers.__version__, 'pyarrow', pyarrow.__version__, 'numpy', numpy.__version__, 'cpus', os.cpu_count())" | tee -a "$OUT/gpu.txt"
 # Device encoding must give the host encoder's bytes: the codec equality tests, on the GPU too.
-$PY -m pytest -q -p no:cacheprovider tests/storage/test_codecs.py -k "torch or pre_encoded" 2>&1 | tail -3 \
+$PY -m pytest -q -p no:cacheprovider tests/storage/test_codecs.py tests/storage/test_dense_forms.py -k "torch or pre_encoded" 2>&1 | tail -3 \
   | tee "$OUT/device_encoding.log"
 # The tests that need CUDA (deselected on CPU machines): training on the GPU with checkpoint/resume.
 $PY -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -3 | tee "$OUT/gpu_tests.log"

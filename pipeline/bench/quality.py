@@ -84,7 +84,8 @@ def train_run(cfg, plan, batches: Iterator[dict], targets: Callable[[dict], dict
 
     `targets` adds the teacher's targets to a batch (online KD); None = the batch already holds them.
     """
-    from kdcache.pipeline.student.trainer import build_components, step_seed, to_device, train_step
+    from kdcache.pipeline.student.trainer import build_components, step_seed, to_device
+    from kdcache.pipeline.student.trainer.step import train_step
 
     c = build_components(cfg, plan, device)
     losses: list[float] = []
@@ -259,7 +260,7 @@ def measure_quality(teacher_dir: str, train_texts: list[str], eval_texts: list[s
     log(f"  {online['seconds']:.0f}s; loss {online['losses'][0]:.4f} -> {online['losses'][-1]:.4f}")
 
     # -- 4. held-out evaluation ---------------------------------------------------------------------
-    from kdcache.pipeline.student.trainer import build_student
+    from kdcache.pipeline.student.trainer.adapter import build_student
 
     initial = build_student(cfg, False, False).eval()  # the untrained student, for scale
     eval_batches = packed_batches(tokenizer, eval_texts, eval_sequences, seq_len, batch_size)

@@ -233,7 +233,8 @@ def run(args) -> int:
     from kdcache.pipeline.teacher_pass.config import CacheConfig
     from kdcache.pipeline.common.jsonout import print_json
     from kdcache.pipeline.student.models import init_student_from_teacher
-    from kdcache.pipeline.student.trainer import RankStream, build_components, plan_run, step_seed, to_device, train_step
+    from kdcache.pipeline.student.trainer import RankStream, build_components, plan_run, step_seed, to_device
+    from kdcache.pipeline.student.trainer.step import train_step
     from kdcache.pipeline.student.config import load_train_config
     from kdcache.storage import CacheReader
 

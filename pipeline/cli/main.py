@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from kdcache.pipeline.common.jsonout import print_json
-from kdcache.storage.manifest import kdcache_version
 
+from kdcache.pipeline.cli.flags import HelpFormatter, add_config_flags, flags_from_args
+from kdcache.pipeline.common.jsonout import print_json
 
 
 # -- inspect / verify -----------------------------------------------------------------------------
@@ -60,67 +60,23 @@ def cmd_bench_storage(args) -> int:
 
 
 # -- cache / plan ---------------------------------------------------------------------------------
-CACHE_FLAGS = [  # (flag, type, help); the YAML keys are the same names with underscores
-    ("--teacher", str, "teacher folder (save_pretrained layout) or hub name"),
-    ("--corpus", str, "corpus files: paths, globs or fsspec URLs (comma-separated or repeated)"),
-    ("--out", str, "cache directory or URL to write"),
-    ("--mode", str, "pack (fixed-length sequences, pretraining KD) | examples (one per document, task KD)"),
-    ("--max-length", int, "tokens per sequence (default 128)"),
-    ("--top-k", int, "top-k soft targets per token (default 64; 0 = none)"),
-    ("--sample", int, "RS-KD: N draws per token from the teacher instead of top-k"),
-    ("--hidden-layers", str, "hidden states to cache: e.g. 0,3,6 | all | none (0 = embedding output)"),
-    ("--attention-layers", str, "attention maps to cache: e.g. 6 | all | none (1-based)"),
-    ("--dtype", str, "hidden-state storage: float16 | bfloat16 | int8 (attention follows unless --attention-dtype)"),
-    ("--attention-dtype", str, "attention storage: float16 | bfloat16 | uint8"),
-    ("--mlm-probability", float, "masked-LM teachers: share of tokens masked (default 0.15, 80/10/10)"),
-    ("--dupe-factor", int, "masked-LM teachers: masked copies per sequence (default 1)"),
-    ("--seed", int, "seed for masking and RS-KD sampling (default 0)"),
-    ("--batch-size", int, "sequences per teacher forward (default 32)"),
-    ("--actors", int, "teacher actors (default: one per GPU, else 1)"),
-    ("--gpus-per-actor", float, "GPUs per actor (default 1; fractional allowed)"),
-    ("--cpus-per-actor", float, "CPUs per actor (default: beside a GPU 1; CPU actors share the cluster's CPUs, "
-     "at most one node's)"),
-    ("--shard-tokens", int, "tokens per shard (default: about 256 MB per shard)"),
-    ("--text-field", str, "text field/column of jsonl/json/csv/parquet/datasets corpora (default text)"),
-    ("--label-field", str, "label field (examples mode)"),
-    ("--txt-mode", str, "line | block: one document per line or per blank-line block"),
-    ("--encoding-errors", str, "strict (default: fail naming the byte offset) | skip (count and skip)"),
-    ("--topk-codec", str, "top-k storage codec (default: the format's default)"),
-    ("--max-sequences", int, "stop after this many sequences (0 = all)"),
-    ("--address", str, "Ray cluster address (default: RAY_ADDRESS, else a local cluster)"),
-    ("--max-retries", int, "resubmissions of a shard whose actor died (default 3)"),
-    ("--executor", str, "ray (teacher actors, default) | local (in this process, no Ray)"),
-    ("--device", str, "auto (cuda if available) | cpu | cuda | cuda:N"),
-    ("--topk-calibration-sequences", int, "sequences whose teacher top-k fit the top-k codec (default 128)"),
-    ("--shards-in-flight", int, "shards per teacher at once, one Parquet writer each (default: 1 on CPU; GPU: 4, more "
-                                "with hidden states or attention)"),
-]
-
-
 def _add_cache_flags(s) -> None:
-    for flag, typ, help_ in CACHE_FLAGS:
-        s.add_argument(flag, type=typ, default=None, help=help_,
-                       action="append" if flag == "--corpus" else "store")
+    from kdcache.pipeline.teacher_pass.config import CacheConfig
+
+    add_config_flags(s, CacheConfig)  # the YAML keys are the same names with underscores
     s.add_argument("--config", help="YAML file with the same keys (flags and key=value override it)")
-    s.add_argument("--overwrite", action="store_true", default=None, help="replace a different cache at --out")
-    s.add_argument("--trust-remote-code", action="store_true", default=None,
-                   help="run code shipped with the teacher (off by default)")
-    s.add_argument("--allow-pickle", action="store_true", default=None,
-                   help="accept pickle (.bin) teacher weights, loaded with weights_only=True")
-    s.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     s.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of any config key")
 
 
 def _cache_config(args):
+    """YAML < flags < key=value. Only settings given anywhere count: a flag left out keeps the YAML's value."""
+    from kdcache.pipeline.common.config import given_values, make_config
     from kdcache.pipeline.teacher_pass.config import CacheConfig
-    from kdcache.pipeline.common.config import build_config
 
-    flags = {f.lstrip("-").replace("-", "_"): getattr(args, f.lstrip("-").replace("-", "_")) for f, _, _ in CACHE_FLAGS}
-    if flags.get("corpus"):
-        flags["corpus"] = [p for item in flags["corpus"] for p in item.split(",") if p]
-    for name in ("overwrite", "trust_remote_code", "allow_pickle", "progress"):
-        flags[name] = getattr(args, name, None)
-    return build_config(CacheConfig, args.config, flags, args.overrides)
+    given = given_values(CacheConfig, args.config, flags_from_args(args, CacheConfig), args.overrides)
+    if given.get("top_k") and given.get("sample", 0) > 0:
+        raise ValueError("give either --top-k or --sample, not both")
+    return make_config(CacheConfig, given)
 
 
 def cmd_cache(args) -> int:
@@ -193,9 +149,31 @@ def cmd_eval(args) -> int:
 
 
 # -- parser ---------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """Every (sub)command's help shows the defaults (subparsers are made of the parser's own class)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+class _Version(argparse.Action):
+    """--version, looked up only when asked: the lookup's module imports pyarrow, too slow for --help."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0,
+                         help="show program's version number and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from kdcache.storage.manifest import kdcache_version
+
+        print(f"kdcache {kdcache_version()}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kdcache", description="Run the teacher once; distil many students from its cache.")
-    p.add_argument("--version", action="version", version=f"kdcache {kdcache_version()}")
+    p = _Parser(prog="kdcache", description="Run the teacher once; distil many students from its cache.")
+    p.add_argument("--version", action=_Version)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     s = sub.add_parser("plan", help="sequences, tokens, bytes per column and teacher time, before anything runs")

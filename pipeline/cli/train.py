@@ -1,47 +1,22 @@
 """`kdcache init-student`, `kdcache train` and `kdcache bench train`: argparse wiring only.
 
-The work lives in `kdcache.pipeline.student.models`, `kdcache.pipeline.student.trainer` and `kdcache.pipeline.bench.train`, imported when a
-command runs so that `kdcache --help` stays instant.
+The work lives in `kdcache.pipeline.student.models`, `kdcache.pipeline.student.trainer` and
+`kdcache.pipeline.bench.train`, imported when a command runs so that `kdcache --help` stays instant;
+the train flags come from `TrainConfig`'s fields.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-# (flag, type, help); the config key is the flag without dashes, '-' -> '_'
-TRAIN_FLAGS = [
-    ("--cache", str, "cache directory or URL (made by `kdcache cache`)"),
-    ("--student", str, "student folder (e.g. from `kdcache init-student`)"),
-    ("--out", str, "run folder: student/, metrics.jsonl, tb/, checkpoints"),
-    ("--steps", int, "optimiser steps (default: one pass over the cache)"),
-    ("--batch-size", int, "rows per worker per step"),
-    ("--lr", float, "peak learning rate"),
-    ("--temperature", float, "KD temperature (default: the recipe's)"),
-    ("--warmup-steps", int, "linear warmup steps (default: the recipe's warmup_ratio)"),
-    ("--weight-decay", float, "AdamW weight decay on matrices"),
-    ("--seed", int, "seed for initialisation, dropout and the shard shuffle"),
-    ("--workers", int, "Ray Train workers (each reads its own shards)"),
-    ("--storage-path", str, "where Ray Train keeps checkpoints: folder or URL (default <out>/ray)"),
-    ("--student-url", str, "also copy the final student here (folder or URL, e.g. s3://bucket/students/d6)"),
-    ("--run-name", str, "Ray Train run name (default: derived from --out; the same name resumes)"),
-    ("--checkpoint-every", int, "checkpoint every N steps (the last step always)"),
-    ("--max-failures", int, "worker failures to recover from, restarting at the last checkpoint"),
-    ("--address", str, "Ray cluster address (default: RAY_ADDRESS, else a local cluster)"),
-]
+from kdcache.pipeline.cli.flags import add_config_flags, flags_from_args
 
 
 def _add_train_args(s: argparse.ArgumentParser) -> None:
-    for flag, typ, help_ in TRAIN_FLAGS:
-        s.add_argument(flag, type=typ, default=None, help=help_)
-    s.add_argument("--recipe", default=None,
-                   help="distilbert | tinybert-general | tinybert-task | lm (pipeline/recipes/NAME.yaml)")
+    from kdcache.pipeline.student.config import TrainConfig
+
+    add_config_flags(s, TrainConfig)
     s.add_argument("--config", default=None, help="YAML with TrainConfig keys (over the recipe, under flags)")
-    s.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per worker")
-    s.add_argument("--no-ray", action="store_true", default=None,
-                   help="train in this process, one worker (benchmarks, debugging)")
-    s.add_argument("--no-progress", dest="progress", action="store_false", default=None)
-    s.add_argument("--trust-remote-code", action="store_true", default=None,
-                   help="run code shipped with the student (off by default)")
     s.add_argument("--validate", action="store_true",
                    help="check config, cache and student against each other, then exit without training")
     s.add_argument("--json", action="store_true", help="print the run summary as one JSON object (last line)")
@@ -50,12 +25,9 @@ def _add_train_args(s: argparse.ArgumentParser) -> None:
 
 
 def train_config_from_args(args):
-    from kdcache.pipeline.student.config import load_train_config
+    from kdcache.pipeline.student.config import TrainConfig, load_train_config
 
-    flags = {f.lstrip("-").replace("-", "_"): getattr(args, f.lstrip("-").replace("-", "_")) for f, _, _ in TRAIN_FLAGS}
-    for name in ("use_gpu", "no_ray", "progress", "trust_remote_code"):
-        flags[name] = getattr(args, name, None)
-    return load_train_config(args.recipe, args.config, flags, args.overrides)
+    return load_train_config(args.recipe, args.config, flags_from_args(args, TrainConfig), args.overrides)
 
 
 def cmd_train(args) -> int:
@@ -140,7 +112,9 @@ def register(subparsers) -> None:
     s.add_argument("--json", action="store_true", help="print the student record as one JSON object (last line)")
     s.set_defaults(func=cmd_init_student)
 
-    s = subparsers.add_parser("train", help="train a student from a cache with Ray Train (the teacher is not loaded)")
+    s = subparsers.add_parser("train", help="train a student from a cache with Ray Train (the teacher is not loaded)",
+                              description="Settings: recipe < --config YAML < flags < key=value; a default shown "
+                                          "below applies where none of them sets the key.")
     _add_train_args(s)
     s.set_defaults(func=cmd_train)
 

@@ -56,9 +56,17 @@ def _type_hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def build_config(cls: type[T], yaml_path: str | Path | None = None, flags: dict[str, Any] | None = None,
-                 overrides: list[str] | None = None) -> T:
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+def flag(help: str) -> dict[str, Any]:
+    """Field metadata: this setting is also a command-line flag, `--name` (`--no-name` for a bool that
+    defaults to true), with this help text. The CLI builds its flags from these fields."""
+    return {"flag": True, "help": help}
+
+
+def given_values(cls: type, yaml_path: str | Path | None = None, flags: dict[str, Any] | None = None,
+                 overrides: list[str] | None = None) -> dict[str, Any]:
+    """The settings given, YAML < flags (None = not given) < `key=value`, each coerced to its field's
+    type. A setting left out is absent, so callers tell "not given" from "given the default's value"."""
+    fields = {f.name for f in dataclasses.fields(cls)}
     hints = _type_hints(cls)
     values: dict[str, Any] = {}
 
@@ -84,7 +92,12 @@ def build_config(cls: type[T], yaml_path: str | Path | None = None, flags: dict[
         # String settings stay verbatim: YAML 1.1 would read "6:12" as the base-60 number 372.
         raw = norm in hints and _is_str(hints[norm])
         merge({key: value if raw or value == "" else yaml.safe_load(value)}, "overrides")
-    missing = [n for n, f in fields.items() if n not in values and f.default is dataclasses.MISSING
+    return values
+
+
+def make_config(cls: type[T], values: dict[str, Any]) -> T:
+    """The dataclass from `given_values`' result; the fields' defaults fill the rest."""
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in values and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:
         raise ValueError(f"missing required setting(s): {', '.join(missing)} (give them as flags, in the YAML "
@@ -92,5 +105,6 @@ def build_config(cls: type[T], yaml_path: str | Path | None = None, flags: dict[
     return cls(**values)
 
 
-def to_yaml(cfg) -> str:
-    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+def build_config(cls: type[T], yaml_path: str | Path | None = None, flags: dict[str, Any] | None = None,
+                 overrides: list[str] | None = None) -> T:
+    return make_config(cls, given_values(cls, yaml_path, flags, overrides))

@@ -9,6 +9,21 @@ from pathlib import Path
 from typing import Any
 
 
+class PickleRefused(PermissionError, ValueError):
+    """Only pickle weights, and pickle was not allowed. A refusal by policy (PermissionError) of an input
+    the caller could fix (ValueError): callers catching either keep working."""
+
+
+def refuse_pickle(what: str, pickles: list[str], allow_pickle: bool, how_to_allow: str) -> None:
+    """The pickle policy, for the teacher and the student side alike: pickle weights can run arbitrary
+    code when loaded, so they are read only when the user says they trust them. `how_to_allow` names
+    the switch in the caller's terms (`--allow-pickle`, `allow_pickle=True`)."""
+    if not allow_pickle:
+        raise PickleRefused(f"{what} has only pickle weights ({', '.join(pickles)}), which can run arbitrary code "
+                            f"when loaded; convert them to safetensors, or pass {how_to_allow} if you trust their "
+                            "origin (loaded with torch.load(weights_only=True))")
+
+
 def check_weights(path: str, allow_pickle: bool) -> None:
     """Refuse a local teacher folder that has no weights, or only pickle weights (unless allowed)."""
     p = Path(path)
@@ -24,21 +39,39 @@ def check_weights(path: str, allow_pickle: bool) -> None:
     if not pickles:
         raise FileNotFoundError(f"teacher folder {path} has no weights (no *.safetensors); save the model with "
                                 "save_pretrained(..., safe_serialization=True)")
-    if not allow_pickle:
-        raise PermissionError(f"teacher folder {path} has only pickle weights ({', '.join(pickles)}), which can run "
-                              "arbitrary code when loaded; convert them to safetensors, or pass --allow-pickle if "
-                              "you trust their origin (loaded with torch.load(weights_only=True))")
+    refuse_pickle(f"teacher folder {path}", pickles, allow_pickle, "--allow-pickle")
+
+
+# How an architecture's class name ends -> the kind of model it is. Finer than the teacher's kinds:
+# loading a student needs the exact head (a pre-training head is not a masked-LM head), the teacher
+# pass only the family (`detect_kind`).
+ARCHITECTURE_KINDS = (("ForMaskedLM", "masked-lm"), ("ForPreTraining", "pretraining"),
+                      ("ForCausalLM", "causal-lm"), ("LMHeadModel", "causal-lm"),
+                      ("ForSequenceClassification", "classifier"), ("ForTokenClassification", "token-classifier"))
+AUTO_CLASSES = {"masked-lm": "AutoModelForMaskedLM", "pretraining": "AutoModelForPreTraining",
+                "causal-lm": "AutoModelForCausalLM", "classifier": "AutoModelForSequenceClassification",
+                "token-classifier": "AutoModelForTokenClassification", "encoder": "AutoModel"}
+_TEACHER_KINDS = {"pretraining": "masked-lm", "token-classifier": "encoder"}  # the rest map to themselves
+
+
+def architecture_kind(arch: str | None) -> str:
+    """The kind of model one architecture class name describes; "encoder" when no ending matches."""
+    return next((kind for ending, kind in ARCHITECTURE_KINDS if arch and arch.endswith(ending)), "encoder")
+
+
+def auto_class(kind: str):
+    """The transformers Auto class that loads a model of this kind (with its head)."""
+    import transformers
+
+    return getattr(transformers, AUTO_CLASSES[kind])
 
 
 def detect_kind(config) -> str:
-    arch = " ".join(getattr(config, "architectures", None) or [])
-    if "ForMaskedLM" in arch or "ForPreTraining" in arch:
-        return "masked-lm"
-    if "ForCausalLM" in arch or "LMHeadModel" in arch:
-        return "causal-lm"
-    if "ForSequenceClassification" in arch:
-        return "classifier"
-    return "encoder"
+    """The teacher pass's kind of a config: masked-lm, causal-lm, classifier or encoder. When the config
+    lists several architectures, an LM head wins over a classifier, a classifier over a bare encoder."""
+    found = {architecture_kind(a) for a in getattr(config, "architectures", None) or []}
+    found = {_TEACHER_KINDS.get(k, k) for k in found}
+    return next((k for k in ("masked-lm", "causal-lm", "classifier") if k in found), "encoder")
 
 
 def hash_json(obj: Any) -> str:

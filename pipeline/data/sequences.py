@@ -33,27 +33,26 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, NamedTuple
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from kdcache.pipeline.data.corpus import CorpusSpec, CorpusStats, Document, iter_documents
+from kdcache.pipeline.data.documents import Document
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "CorpusCount",
     "Framing",
     "Sequence",
     "batch_sequences",
     "collate",
-    "count_corpus",
     "iter_sequences",
     "plan_shards",
 ]
 
 MODES = ("pack", "examples")
 IGNORE_INDEX = -100  # label value for "no label", as in PyTorch's cross-entropy
+NO_POSITION = -1  # mlm_positions padding: the cache format's "no masked position here"
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,8 +254,8 @@ def collate(seqs: list[Any], pad_id: int) -> dict[str, Any]:
     Returns ``input_ids`` [B,T] int32, ``attention_mask`` [B,T] int32,
     ``lengths`` [B] int64, ``sample_id`` [B] int64, ``source`` list[str],
     ``label`` [B] int64 (-100 where None). Masked sequences (``kdcache.pipeline.data.masking``)
-    also give ``mlm_positions`` [B,P] int32 (padded with 0) and ``mlm_labels``
-    [B,P] int32 (padded with -100).
+    also give ``mlm_positions`` [B,P] int32 (padded with -1, as the cache stores them) and
+    ``mlm_labels`` [B,P] int32 (padded with -100).
     """
     if not seqs:
         raise ValueError("cannot collate an empty batch")
@@ -276,7 +275,7 @@ def collate(seqs: list[Any], pad_id: int) -> dict[str, Any]:
     if hasattr(seqs[0], "positions"):
         counts = np.fromiter((len(s.positions) for s in seqs), dtype=np.int64, count=len(seqs))
         slots = np.arange(max(int(counts.max()), 1)) < counts[:, None]
-        positions = np.zeros(slots.shape, dtype=np.int32)
+        positions = np.full(slots.shape, NO_POSITION, dtype=np.int32)
         labels = np.full(slots.shape, IGNORE_INDEX, dtype=np.int32)
         positions[slots] = np.concatenate([s.positions for s in seqs])
         labels[slots] = np.concatenate([s.mlm_labels for s in seqs])
@@ -307,21 +306,3 @@ def plan_shards(seqs: Iterable[Sequence], sequences_per_shard: int) -> Iterator[
         if not shard:
             return
         yield shard_id, shard
-
-
-class CorpusCount(NamedTuple):
-    documents: int  # documents read (after filters; pieces of cut records count one each)
-    sequences: int
-    tokens: int  # tokens in the sequences, special tokens included
-
-
-def count_corpus(spec: CorpusSpec, tokenizer: Any, mode: str = "pack", max_length: int = 128,
-                 add_special_tokens: bool = True, **kwargs: Any) -> CorpusCount:
-    """Stream the whole corpus once and count what the teacher pass would see.
-    ``kwargs`` go to ``iter_sequences``."""
-    stats = CorpusStats()
-    sequences = tokens = 0
-    for seq in iter_sequences(iter_documents(spec, stats), tokenizer, mode, max_length, add_special_tokens, **kwargs):
-        sequences += 1
-        tokens += len(seq.input_ids)
-    return CorpusCount(stats.documents, sequences, tokens)

@@ -27,9 +27,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 HELDOUT_EVERY = 20  # 1 extract in 20 (by hash) is held out
-# Teacher blocks the student copies. Measured on held-out extracts (64-token sequences), the copied
-# student before training: the even spread 0,6,12,17,23,29 had perplexity ~2.5e7; the first and last
-# three blocks ~1.3e5 (first 2 + last 4: 2.5e5, first 5 + last 5: 2.1e5), so training starts there.
+# Teacher blocks the student copies: the first and last three, the best start of the spreads measured
+# (docs/llm-demo.md, "Which blocks the student copies").
 STUDENT_TEACHER_LAYERS = [0, 1, 2, 27, 28, 29]
 
 PROFILES: dict[str, dict[str, Any]] = {
@@ -53,15 +52,14 @@ PROFILES: dict[str, dict[str, Any]] = {
 
 def split_extracts(extracts_json: Path) -> tuple[list[dict], list[dict]]:
     """(train, held-out) extracts, each as {key, title, extract}, in xxh64(key) order."""
-    import xxhash
+    from kdcache.pipeline.data.splits import key_hash
 
     data = json.loads(Path(extracts_json).read_text())
     rows = []
     for key, value in data.items():
         text = (value.get("extract") or "").strip() if isinstance(value, dict) else ""
         if text:
-            rows.append((xxhash.xxh64_intdigest(key.encode()), key, {"key": key, "title": value.get("title", key),
-                                                                      "extract": text}))
+            rows.append((key_hash(key), key, {"key": key, "title": value.get("title", key), "extract": text}))
     rows.sort(key=lambda r: (r[0], r[1]))
     train = [r[2] for r in rows if r[0] % HELDOUT_EVERY != 0]
     heldout = [r[2] for r in rows if r[0] % HELDOUT_EVERY == 0]
@@ -197,6 +195,16 @@ def _metrics(run: Path) -> list[dict]:
 
 
 def run_llm_demo(quick: bool, out: str | None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The demo with the terminal kept for kdcache's own lines: Ray's and the libraries' messages go
+    to `<out>/kdcache.log` (common.console)."""
+    from kdcache.pipeline.common.console import run_console
+
+    root = Path(out or ("runs/demo-llm-quick" if quick else "runs/demo-llm")).resolve()
+    with run_console(root, say_where=log):
+        return _run_llm_demo(quick, str(root), log)
+
+
+def _run_llm_demo(quick: bool, out: str | None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or finish, or just report) the LLM distillation demo; returns the report, also written
     to `<out>/llm.json`. See the module docstring for what it does."""
     from kdcache.pipeline.data import assets

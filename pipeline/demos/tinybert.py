@@ -85,6 +85,16 @@ def _train(log, recipe: str, **flags) -> Path:
 
 
 def run_demo(quick: bool, out: str | None, log=print) -> dict[str, Any]:
+    """The demo with the terminal kept for kdcache's own lines: Ray's and the libraries' messages go
+    to `<out>/kdcache.log` (common.console)."""
+    from kdcache.pipeline.common.console import run_console
+
+    root = Path(out or ("runs/demo-quick" if quick else "runs/demo")).resolve()
+    with run_console(root, say_where=log):
+        return _run_demo(quick, str(root), log)
+
+
+def _run_demo(quick: bool, out: str | None, log=print) -> dict[str, Any]:
     from kdcache.pipeline.data import assets
     from kdcache.pipeline.evaluation.evaluate import run_eval
     from kdcache.pipeline.common.runtime import init_ray

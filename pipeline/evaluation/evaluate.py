@@ -34,7 +34,6 @@ def load_classifier(path: str | Path, trust_remote_code: bool = False):
     return model.eval(), tok
 
 
-
 def disk_bytes(folder: str | Path) -> int:
     return sum(f.stat().st_size for f in Path(folder).iterdir() if f.name.endswith(WEIGHT_SUFFIXES))
 
@@ -63,7 +62,6 @@ def speed(models: dict[str, tuple[Any, Any]], texts: list[str], rounds: int = 5,
             thr[name].append(len(batch) / (time.perf_counter() - t))
     return {name: {"latency_batch1_ms": 1000 * statistics.median(lat[name]),
                    "throughput_batch32": statistics.median(thr[name])} for name in models}
-
 
 
 def task_rows(task: str, data_dir: Path, split: str = "test") -> list[dict]:

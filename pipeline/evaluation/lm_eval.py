@@ -125,17 +125,6 @@ def _summary(times: list[float], batch_size: int, seq_len: int) -> dict[str, Any
             "tokens_per_s": batch_size * seq_len / med}
 
 
-def latency(model: torch.nn.Module, batch_size: int, seq_len: int, repeats: int = 5, warmup: int = 1) -> dict[str, Any]:
-    """Wall time of one full forward (logits over the vocabulary included) on random token ids:
-    {"batch_size", "seq_len", "repeats", "median_s", "min_s", "times_s", "sequences_per_s", "tokens_per_s"}.
-    Runs on the model's current device and torch's current thread count."""
-    model.eval()
-    inputs = _inputs(model, batch_size, seq_len)
-    for _ in range(warmup):
-        _time_forward(model, inputs)
-    return _summary([_time_forward(model, inputs) for _ in range(max(1, repeats))], batch_size, seq_len)
-
-
 def compare_latency(models: Mapping[str, torch.nn.Module], batch_size: int, seq_len: int, repeats: int = 3,
                     warmup: int = 1) -> dict[str, dict[str, Any]]:
     """`latency` of several models on the same inputs, repeats interleaved (A, B, A, B, ...) so that

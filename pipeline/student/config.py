@@ -6,21 +6,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kdcache.pipeline.common.config import flag
+
 
 @dataclass
 class TrainConfig:
-    """Every option of `kdcache train` (YAML keys = these names; key=value overrides any)."""
+    """Every option of `kdcache train` (YAML keys = these names; key=value overrides any). A field with
+    `flag(help)` metadata is also a flag; the CLI shows its default unless the help already says it."""
 
-    cache: str = ""  # cache directory or URL
-    student: str = ""  # student folder (save_pretrained layout, e.g. from `kdcache init-student`)
-    out: str = ""  # run folder: student/, metrics.jsonl, tb/, ray/ (checkpoints)
-    recipe: str = ""  # the recipe this config started from (kept for the record)
+    cache: str = field(default="", metadata=flag("cache directory or URL (made by `kdcache cache`)"))
+    student: str = field(default="", metadata=flag(
+        "student folder (save_pretrained layout, e.g. from `kdcache init-student`)"))
+    out: str = field(default="", metadata=flag("run folder: student/, metrics.jsonl, tb/, ray/ (checkpoints)"))
+    recipe: str = field(default="", metadata=flag(  # kept in the config for the record
+        "distilbert | tinybert-general | tinybert-task | lm (pipeline/student/recipes/NAME.yaml) or a YAML file"))
 
-    # -- what to optimise: a preset of kdcache.pipeline.student.losses, then per-field overrides ------------------
+    # -- what to optimise: a preset of kdcache.pipeline.student.presets, then per-field overrides ------------------
     loss: str = "distilbert"  # distilbert | tinybert-general | tinybert-task | lm
     preset_args: dict | None = None  # extra preset arguments, e.g. {stage: intermediate}, {kd: sampled}
     loss_weights: dict | None = None  # merged over the preset's weights; 0 disables a term
-    temperature: float | None = None
+    temperature: float | None = field(default=None, metadata=flag("KD temperature (default: the recipe's)"))
     kd_tail: str | None = None  # bucket | renorm
     kd_positions: str = "all"  # all | masked (KD only at the cached mask positions)
     layer_map: str = "auto"  # auto (student's kdcache_student.json, else the preset's) | "0:0,1:4,..."
@@ -30,44 +35,52 @@ class TrainConfig:
     per_layer_projection: bool | None = None
 
     # -- optimisation --------------------------------------------------------------------------
-    steps: int = 0  # optimiser steps; 0 = one pass over the smallest rank's rows
-    batch_size: int = 32  # rows per worker per step
-    lr: float = 5e-4
-    weight_decay: float = 0.01
+    steps: int = field(default=0, metadata=flag(
+        "optimiser steps (default 0 = one pass over the cache: the smallest rank's rows)"))
+    batch_size: int = field(default=32, metadata=flag("rows per worker per step"))
+    lr: float = field(default=5e-4, metadata=flag("peak learning rate"))
+    weight_decay: float = field(default=0.01, metadata=flag("AdamW weight decay on matrices"))
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-8
-    warmup_steps: int = 0
+    warmup_steps: int = field(default=0, metadata=flag(
+        "linear warmup steps (default 0: the recipe's warmup_ratio of the steps)"))
     warmup_ratio: float = 0.0  # used when warmup_steps is 0: share of `steps`
     schedule: str = "linear"  # linear | cosine | constant (after warmup)
     max_grad_norm: float = 1.0  # 0 = no clipping
-    seed: int = 0
+    seed: int = field(default=0, metadata=flag("seed for initialisation, dropout and the shard shuffle"))
     shuffle: bool = False  # seeded shard-order shuffle per epoch (rows inside a shard keep their order)
 
     # -- checkpoints and failures --------------------------------------------------------------
-    checkpoint_every: int = 100  # steps; the last step is always checkpointed
+    checkpoint_every: int = field(default=100, metadata=flag("checkpoint every N steps (the last step always)"))
     keep_checkpoints: int = 2
-    max_failures: int = 0  # worker failures Ray Train recovers from (restarting at the last checkpoint)
+    max_failures: int = field(default=0, metadata=flag(
+        "worker failures to recover from, restarting at the last checkpoint"))
 
     # -- where it runs -------------------------------------------------------------------------
-    workers: int = 1
-    use_gpu: bool = False
+    workers: int = field(default=1, metadata=flag("Ray Train workers (each reads its own shards)"))
+    use_gpu: bool = field(default=False, metadata=flag("one GPU per worker"))
     cpus_per_worker: float = 0.0  # 0 = auto: 1 per GPU worker; on CPU (cluster CPUs - 1) / workers, <= 1
     threads: int = 0  # torch intra-op threads per worker (0 = leave torch's / Ray's choice)
-    storage_path: str = ""  # Ray Train checkpoints: a folder or URL (default: <out>/ray)
-    run_name: str = ""  # Ray Train run name (default: derived from --out, so a re-run resumes)
-    address: str | None = None  # Ray cluster (default: RAY_ADDRESS, else a local one)
-    no_ray: bool = False  # in-process loop, one worker (benchmarks, debugging); resumes from <out>/checkpoints
+    storage_path: str = field(default="", metadata=flag(
+        "where Ray Train keeps checkpoints: folder or URL (default <out>/ray)"))
+    run_name: str = field(default="", metadata=flag(
+        "Ray Train run name (default: derived from --out; the same name resumes)"))
+    address: str | None = field(default=None, metadata=flag(
+        "Ray cluster address (default: RAY_ADDRESS, else a local cluster)"))
+    no_ray: bool = field(default=False, metadata=flag(  # resumes from <out>/checkpoints
+        "train in this process, one worker (benchmarks, debugging)"))
     autocast: str = "auto"  # auto (bf16 on GPU, off on CPU) | bfloat16 | float16 | none
     verify: str = "full"  # shard checks on open: full (checksum) | size | off
     prefetch: int = 2  # batches decoded ahead in a background thread (0 = none)
 
     # -- output --------------------------------------------------------------------------------
     log_every: int = 1  # metrics.jsonl / TensorBoard every N steps
-    student_url: str = ""  # also copy the final student here: a folder or URL (s3://bucket/students/d6)
-    progress: bool = True
+    student_url: str = field(default="", metadata=flag(
+        "also copy the final student here (folder or URL, e.g. s3://bucket/students/d6)"))
+    progress: bool = field(default=True, metadata=flag("no progress bar"))
     tensorboard: bool = True
     check_tokenizer: bool = True  # compare the student's tokenizer fingerprint with the cache's
-    trust_remote_code: bool = False
+    trust_remote_code: bool = field(default=False, metadata=flag("run code shipped with the student (off by default)"))
     student_factory: str | None = None  # "module:function" -> nn.Module, called with the config dict
 
     # -- test hooks (inert by default) ---------------------------------------------------------

@@ -42,6 +42,8 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
+from kdcache.pipeline.common.hf import architecture_kind, auto_class, refuse_pickle
+
 STUDENT_META = "kdcache_student.json"
 
 # Files that make up a tokenizer (or travel with it). Copied verbatim.
@@ -101,11 +103,7 @@ class _TeacherWeights:
             bins = sorted({folder / f for f in json.loads(bin_index.read_text())["weight_map"].values()})
         if not bins:
             raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {folder}")
-        if not allow_pickle:
-            raise ValueError(
-                f"{folder} has only pickle weights (pytorch_model.bin), which can execute code "
-                "when loaded; convert them to safetensors or pass allow_pickle=True"
-            )
+        refuse_pickle(str(folder), [f.name for f in bins], allow_pickle, "allow_pickle=True")
         self._pickled = {}
         for f in bins:
             self._pickled.update(torch.load(f, map_location="cpu", weights_only=True))
@@ -142,20 +140,7 @@ def _architecture(config) -> str | None:
 
 
 def _auto_class(arch: str | None):
-    import transformers as tf
-
-    name = arch or ""
-    if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
-        return tf.AutoModelForCausalLM
-    if name.endswith("ForMaskedLM"):
-        return tf.AutoModelForMaskedLM
-    if name.endswith("ForSequenceClassification"):
-        return tf.AutoModelForSequenceClassification
-    if name.endswith("ForTokenClassification"):
-        return tf.AutoModelForTokenClassification
-    if name.endswith("ForPreTraining"):
-        return tf.AutoModelForPreTraining
-    return tf.AutoModel
+    return auto_class(architecture_kind(arch))
 
 
 def _model_class(config):

@@ -22,17 +22,16 @@ import random
 from pathlib import Path
 from typing import Iterator
 
-import xxhash
 from kdcache.pipeline.common.jsonout import write_jsonl
+from kdcache.pipeline.data.splits import hash_bucket
 
 LABELS = {"rotten": 0, "fresh": 1}
-LABEL_NAMES = ["rotten", "fresh"]
 SPLITS = {"test": (0, 15), "dev": (15, 25), "train": (25, 100)}
 TASKS = ("rotten-tomatoes",)
 
 
 def split_of(text: str) -> str:
-    bucket = xxhash.xxh64_intdigest(text.encode("utf-8")) % 100
+    bucket = hash_bucket(text, 100)
     return next(name for name, (lo, hi) in SPLITS.items() if lo <= bucket < hi)
 
 
@@ -47,7 +46,6 @@ def rotten_tomatoes_examples(csv_path: Path) -> Iterator[dict]:
                 continue
             seen.add(text)
             yield {"text": text, "label": label}
-
 
 
 def prepare_rotten_tomatoes(out_dir: Path, limits: dict[str, int] | None = None) -> dict[str, Path]:

@@ -1,12 +1,14 @@
-"""The teacher pass's options (`CacheConfig`, every one also a flag and a YAML key) and what the
+"""The teacher pass's options (`CacheConfig`: every YAML key; fields marked `flag(...)` are also flags) and what the
 driver derives from them before any actor starts (`prepare` -> `Prepared`: the cache's spec and header)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from kdcache.pipeline.common.config import flag
 
-from kdcache.storage import CacheSpec, Header
-from kdcache.storage.fs import redact
+if TYPE_CHECKING:  # `kdcache --help` builds its flags from CacheConfig: no pyarrow import for that
+    from kdcache.storage import CacheSpec, Header
 
 
 DEFAULT_SHARD_BYTES = 256 << 20
@@ -14,52 +16,72 @@ DEFAULT_SHARD_BYTES = 256 << 20
 
 @dataclass
 class CacheConfig:
-    """Every option of `kdcache cache` / `kdcache plan` (YAML keys = these names)."""
+    """Every option of `kdcache cache` / `kdcache plan` (YAML keys = these names). A field with `flag(help)`
+    metadata is also a flag; the CLI shows its default unless the help already says it."""
 
-    teacher: str
-    corpus: list[str]
-    out: str = ""
-    mode: str = "pack"  # pack (pretraining distillation) | examples (task distillation)
-    max_length: int = 128
-    top_k: int = 64  # 0 = no soft targets
-    sample: int = 0  # > 0: RS-KD targets with this many draws per token instead of top-k
-    hidden_layers: str = "none"  # "0,3,6" | all | none (0 = embedding output)
-    attention_layers: str = "none"  # "6" | all | none (1-based)
-    dtype: str = "float16"  # hidden states: float16 | bfloat16 | int8
-    attention_dtype: str = ""  # float16 | bfloat16 | uint8; default: dtype (uint8 when dtype=int8)
-    mlm_probability: float = 0.15  # masked-LM teachers only
-    dupe_factor: int = 1
-    seed: int = 0
-    batch_size: int = 32
-    actors: int = 0  # 0 = one per GPU, or 1 on a machine without GPUs
-    gpus_per_actor: float = 1.0
-    cpus_per_actor: float = 0.0  # 0 = auto: a CPU actor gets its share of the cluster's CPUs, a GPU actor 1
-    shard_tokens: int = 0  # 0 = auto: about 256 MB per shard
-    text_field: str = "text"
-    label_field: str | None = None
+    teacher: str = field(metadata=flag("teacher folder (save_pretrained layout) or hub name"))
+    corpus: list[str] = field(metadata=flag("corpus files: paths, globs or fsspec URLs (comma-separated or repeated)"))
+    out: str = field(default="", metadata=flag("cache directory or URL to write"))
+    mode: str = field(default="pack", metadata=flag(
+        "pack (fixed-length sequences, pretraining KD) | examples (one per document, task KD)"))
+    max_length: int = field(default=128, metadata=flag("tokens per sequence"))
+    top_k: int = field(default=64, metadata=flag("top-k soft targets per token, 0 = none"))
+    sample: int = field(default=0, metadata=flag(
+        "RS-KD: N draws per token from the teacher instead of top-k, 0 = top-k targets"))
+    hidden_layers: str = field(default="none", metadata=flag(
+        "hidden states to cache: e.g. 0,3,6 | all | none (0 = embedding output)"))
+    attention_layers: str = field(default="none", metadata=flag(
+        "attention maps to cache: e.g. 6 | all | none (1-based)"))
+    dtype: str = field(default="float16", metadata=flag(
+        "hidden-state storage: float16 | bfloat16 | int8 (attention follows unless --attention-dtype)"))
+    attention_dtype: str = field(default="", metadata=flag(
+        "attention storage: float16 | bfloat16 | uint8 (default: --dtype's; uint8 when --dtype int8)"))
+    mlm_probability: float = field(default=0.15, metadata=flag(
+        "masked-LM teachers: share of tokens masked, 80/10/10"))
+    dupe_factor: int = field(default=1, metadata=flag("masked-LM teachers: masked copies per sequence"))
+    seed: int = field(default=0, metadata=flag("seed for masking and RS-KD sampling"))
+    batch_size: int = field(default=32, metadata=flag("sequences per teacher forward"))
+    actors: int = field(default=0, metadata=flag("teacher actors (default 0 = one per GPU, else 1)"))
+    gpus_per_actor: float = field(default=1.0, metadata=flag("GPUs per actor, fractional allowed"))
+    cpus_per_actor: float = field(default=0.0, metadata=flag(
+        "CPUs per actor (default 0 = auto: beside a GPU 1; CPU actors share the cluster's CPUs, at most one node's)"))
+    shard_tokens: int = field(default=0, metadata=flag("tokens per shard (default 0 = auto: about 256 MB per shard)"))
+    text_field: str = field(default="text", metadata=flag(
+        "text field/column of jsonl/json/csv/parquet/datasets corpora"))
+    label_field: str | None = field(default=None, metadata=flag("label field (examples mode)"))
     label_map: dict | None = None
     include_labels: list | None = None
-    txt_mode: str = "line"
-    encoding_errors: str = "strict"
+    txt_mode: str = field(default="line", metadata=flag(
+        "line | block: one document per line or per blank-line block"))
+    encoding_errors: str = field(default="strict", metadata=flag(
+        "strict (default: fail naming the byte offset) | skip (count and skip)"))
     corpus_format: str | None = None
     task_logits: bool = True  # classifier teachers: cache per-example logits
-    topk_codec: str = ""  # default: kdcache.storage.codecs.DEFAULT_TOPK_CODEC
-    topk_calibration_sequences: int = 128  # teacher top-k of the first N sequences fits the codec (0 = off)
+    topk_codec: str = field(default="", metadata=flag(  # "": kdcache.storage.codecs.DEFAULT_TOPK_CODEC
+        "top-k storage codec (default: the format's default)"))
+    topk_calibration_sequences: int = field(default=128, metadata=flag(
+        "sequences whose teacher top-k fit the top-k codec, 0 = off"))
     zstd_level: int = 3
     encoder_threads: int = 0  # threads per shard turning teacher outputs into Arrow (0 = auto: 1 on CPU, 2 on GPU)
-    shards_in_flight: int = 0  # per teacher, one writer each (0 = auto: 1 on CPU; GPU: 4, more with dense columns)
-    overwrite: bool = False
-    max_retries: int = 3  # per shard, for system failures (actor/node death) only
+    shards_in_flight: int = field(default=0, metadata=flag(
+        "shards per teacher at once, one Parquet writer each (default 0 = auto: 1 on CPU; GPU: 4, more with "
+        "hidden states or attention)"))
+    overwrite: bool = field(default=False, metadata=flag("replace a different cache at --out"))
+    max_retries: int = field(default=3, metadata=flag(  # system failures (actor/node death) only
+        "resubmissions of a shard whose actor died"))
     teacher_kind: str = "auto"
     revision: str | None = None
-    trust_remote_code: bool = False
-    allow_pickle: bool = False
-    device: str = "auto"
+    trust_remote_code: bool = field(default=False, metadata=flag("run code shipped with the teacher (off by default)"))
+    allow_pickle: bool = field(default=False, metadata=flag(
+        "accept pickle (.bin) teacher weights, loaded with weights_only=True"))
+    device: str = field(default="auto", metadata=flag("auto (cuda if available) | cpu | cuda | cuda:N"))
     autocast: str = "auto"
-    address: str | None = None  # Ray cluster; default: RAY_ADDRESS or a local cluster
-    executor: str = "ray"  # ray (teacher actors) | local (this process: debugging, machines without Ray)
-    max_sequences: int = 0  # stop after this many sequences (0 = whole corpus)
-    progress: bool = True
+    address: str | None = field(default=None, metadata=flag(
+        "Ray cluster address (default: RAY_ADDRESS, else a local cluster)"))
+    executor: str = field(default="ray", metadata=flag(
+        "ray (teacher actors, default) | local (in this process, no Ray)"))
+    max_sequences: int = field(default=0, metadata=flag("stop after this many sequences, 0 = all"))
+    progress: bool = field(default=True, metadata=flag("no progress bar"))
 
 
 def parse_layers(value: str | list | tuple, n_layers: int, first: int, what: str) -> tuple[int, ...]:
@@ -109,6 +131,8 @@ def prepare(cfg: CacheConfig) -> Prepared:
     """Read the teacher's config and tokenizer (never its weights) and fix the cache's options."""
     from transformers import AutoConfig, AutoTokenizer
 
+    from kdcache.storage import CacheSpec, Header
+    from kdcache.storage.fs import redact
     from kdcache.storage.codecs import DEFAULT_TOPK_CODEC, get_topk_codec
     from kdcache.pipeline.teacher_pass.teacher import teacher_fingerprint_from_config, teacher_options_from
     from kdcache.pipeline.common.hf import check_weights, detect_kind, tokenizer_fingerprint
@@ -123,8 +147,6 @@ def prepare(cfg: CacheConfig) -> Prepared:
     has_lm_head = kind in ("masked-lm", "causal-lm")
     if cfg.mode not in ("pack", "examples"):
         raise ValueError(f"--mode must be pack or examples, got {cfg.mode!r}")
-    if cfg.sample and cfg.top_k and cfg.sample > 0 and cfg.top_k != 64:
-        raise ValueError("give either --top-k or --sample, not both")
     targets = "none"
     if has_lm_head and cfg.sample > 0:
         targets = "sampled"

@@ -78,7 +78,6 @@ class LocalExecutor:
         self.processor.close()
 
 
-
 def _cpu_share(actors: int) -> float:
     """CPUs per CPU actor when not given: the largest whole number with which every actor fits on
     some node (a 2-core machine's one actor gets both, and its forward runs on as many threads), at
@@ -123,12 +122,13 @@ def _actor_class():
             self.processor.set_spec(spec)
 
         def stats(self) -> dict[str, Any]:
+            import ray
             import torch
 
             from kdcache.pipeline.common import allocator
 
             return {"pid": os.getpid(), "forward_calls": self.processor.forward_calls,
-                    "node": __import__("ray").get_runtime_context().get_node_id(), "threads": torch.get_num_threads(),
+                    "node": ray.get_runtime_context().get_node_id(), "threads": torch.get_num_threads(),
                     "malloc_tuned": allocator.tuned()}
 
     return TeacherActor
@@ -151,7 +151,7 @@ class RayExecutor:
         self.resources = ({"num_gpus": cfg.gpus_per_actor, "num_cpus": min(per_actor, 1.0)} if use_gpu
                           else {"num_cpus": per_actor})
         if not use_gpu and n * per_actor > cpus:
-            # Asking for more CPUs than exist would leave actors pending forever (RAY_NOTES).
+            # Asking for more CPUs than exist would leave actors pending forever: fail now instead.
             raise ValueError(f"{n} CPU actors x {per_actor:g} CPUs exceed the cluster's {cpus:g} CPUs; lower "
                              "--actors or --cpus-per-actor")
         self.threads = max(1, int(per_actor))  # a CPU teacher's forward threads
@@ -185,9 +185,9 @@ class RayExecutor:
         ray.get([a.set_spec.remote(spec) for a in self.actors])
 
     def _new_actor(self):
-        # Fault-injection switches (pipeline/faults.py) follow the driver into the actors.
+        # Fault-injection switches (pipeline/common/faults.py) follow the driver into the actors.
         env = {k: v for k, v in os.environ.items() if k.startswith("KDCACHE_FAULTS")}
-        if "num_gpus" not in self.resources:  # a CPU teacher: its forwards reuse freed memory (allocator.py)
+        if "num_gpus" not in self.resources:  # a CPU teacher: its forwards reuse freed memory (common/allocator.py)
             from kdcache.pipeline.common.allocator import worker_env
 
             env.update(worker_env())
@@ -276,20 +276,17 @@ class RayExecutor:
             except Exception:  # noqa: BLE001
                 pass
 
-    def actor_stats(self) -> list[dict[str, Any]]:
-        import ray
-
-        return ray.get([a.stats.remote() for a in self.actors])
-
     def close(self) -> None:
         import ray
 
         try:
             stats = ray.get([a.stats.remote() for a in self.actors], timeout=30)
             self.forward_calls = sum(s["forward_calls"] for s in stats)
-            # Where the teachers ran: one line a user (or a test) can read to see the spread over nodes.
+            # Where and how the teachers ran: one line a user (or a test) can read to see the spread over
+            # nodes, the forward threads and whether the allocator was tuned.
             self.placement = [{"node": s["node"], "pid": s["pid"], "forward_calls": s["forward_calls"],
-                               **self.resources} for s in stats]
+                               "threads": s["threads"], "malloc_tuned": s["malloc_tuned"], **self.resources}
+                              for s in stats]
             logging.getLogger("kdcache.executor").info(
                 "teacher actors: %d on %d node(s): %s", len(stats), len({s["node"] for s in stats}),
                 json.dumps(self.placement))

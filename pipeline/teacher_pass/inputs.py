@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-import numpy as np
-
 from kdcache.pipeline.teacher_pass.config import Prepared
 
 
@@ -34,8 +32,8 @@ def iter_shard_inputs(prep: Prepared) -> Iterator[tuple[int, list]]:
 class ShardPrefetcher:
     """`iter_shard_inputs` in a worker process, up to `ahead` shards ahead of the pass.
 
-    Reading and tokenising the corpus is Python around the tokenizer's Rust calls (~0.25 s of GIL
-    per 1M tokens, measured): beside the teacher it takes the GIL from the forwards and the writers,
+    Reading and tokenising the corpus is Python around the tokenizer's Rust calls, holding the GIL
+    (docs/performance.md): beside the teacher it takes the GIL from the forwards and the writers,
     and in a Ray driver an actor's free slot waits while the next shard is tokenised. The worker
     starts at once, so the first shards are ready when the teachers are. Shards arrive in order; an
     error in the worker is raised here, by the iteration.
@@ -95,7 +93,8 @@ def _produce_shards(prep: Prepared, out) -> None:
 
 
 def shard_batches(prep: Prepared, tok_info, sequences: list) -> Iterator[dict[str, Any]]:
-    """The padded teacher batches of one shard (static masking applied for masked-LM teachers)."""
+    """The padded teacher batches of one shard (static masking applied for masked-LM teachers), in the
+    cache's own padding, so the writer stores them as they come."""
     from kdcache.pipeline.data.masking import iter_masked
     from kdcache.pipeline.data.sequences import batch_sequences
 
@@ -104,23 +103,22 @@ def shard_batches(prep: Prepared, tok_info, sequences: list) -> Iterator[dict[st
     if prep.spec.mlm:
         seqs = iter_masked(sequences, tok_info, dupe_factor=cfg.dupe_factor, seed=cfg.seed,
                            probability=cfg.mlm_probability)
-    for batch in batch_sequences(seqs, cfg.batch_size, prep.pad_id):
-        if "mlm_positions" in batch:  # collate pads positions with 0; the format pads with -1
-            batch["mlm_positions"] = np.where(batch["mlm_labels"] >= 0, batch["mlm_positions"], -1)
-        yield batch
-
+    yield from batch_sequences(seqs, cfg.batch_size, prep.pad_id)
 
 
 COUNT_LIMIT_BYTES = 256 << 20  # below this, count the corpus first so the progress bar has a total
 
 
 def corpus_bytes(paths: list[str]) -> int | None:
+    """The corpus files' total size, or None when it cannot be known cheaply."""
+    import fsspec
+
     from kdcache.pipeline.data.corpus import expand_paths
 
     try:
         total = 0
         for p in expand_paths(paths):
-            loc_fs, path = __import__("fsspec").core.url_to_fs(p)
+            loc_fs, path = fsspec.core.url_to_fs(p)
             total += loc_fs.du(path) if loc_fs.isdir(path) else loc_fs.size(path)
         return total
     except Exception:  # noqa: BLE001 - only used to decide whether to count
@@ -129,7 +127,6 @@ def corpus_bytes(paths: list[str]) -> int | None:
 
 def calibration_sequences(prep: Prepared) -> list:
     """The first N sequences of the corpus: deterministic, so a rerun fits the same parameters."""
-
     seqs = []
     for _, shard in iter_shard_inputs(prep):
         seqs += shard
@@ -139,4 +136,5 @@ def calibration_sequences(prep: Prepared) -> list:
 
 
 def count_shards(prep: Prepared) -> int:
+    """Shards the pass will write (the corpus read and tokenised once more): the progress bar's total."""
     return sum(1 for _ in iter_shard_inputs(prep))

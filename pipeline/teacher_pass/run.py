@@ -11,22 +11,19 @@ with a GPU: one writer is one core.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any, Iterator
 
-
 from kdcache.storage import CacheWriter, ShardInfo, WriteOptions
-from kdcache.storage.fs import redact
+from kdcache.storage.fs import is_url, redact
+from kdcache.storage.manifest import LOG_DIR
 
+from kdcache.pipeline.common.console import run_console
 from kdcache.pipeline.teacher_pass.config import CacheConfig, Prepared, prepare, teacher_device
-from kdcache.pipeline.teacher_pass.inputs import COUNT_LIMIT_BYTES, ShardPrefetcher, calibration_sequences, corpus_bytes, count_shards, iter_shard_inputs
 from kdcache.pipeline.teacher_pass.executor import LocalExecutor, RayExecutor
-
-
-
-_worker_state: tuple | None = None
-
-
+from kdcache.pipeline.teacher_pass.inputs import (COUNT_LIMIT_BYTES, ShardPrefetcher, calibration_sequences,
+                                                  corpus_bytes, count_shards, iter_shard_inputs)
 
 
 def _needs_calibration(prep: Prepared) -> bool:
@@ -39,7 +36,6 @@ def _needs_calibration(prep: Prepared) -> bool:
     codec = spec.codec
     fits = type(codec).fit is not TopKCodec.fit
     return fits and spec.codec_params == get_topk_codec(spec.topk_codec).params()
-
 
 
 def run_cache_pass(cfg: CacheConfig, *, executor: str | None = None, storage_options: dict | None = None,
@@ -77,41 +73,43 @@ def run_cache_pass(cfg: CacheConfig, *, executor: str | None = None, storage_opt
                 continue
             yield index, seqs
 
-    bar = tqdm(total=total, unit="shard", desc="teacher pass", disable=not cfg.progress, dynamic_ncols=True)
+    # From here on Ray and the libraries talk: into <cache>/logs/kdcache.log, the terminal keeps our lines.
+    with run_console(None if is_url(cfg.out) else os.path.join(cfg.out, LOG_DIR), say_where=log):
+        bar = tqdm(total=total, unit="shard", desc="teacher pass", disable=not cfg.progress, dynamic_ncols=True)
 
-    def on_done(info: ShardInfo) -> None:
-        counts["written"] += 1
-        counts["tokens"] += info.tokens
-        rate = counts["tokens"] / max(time.perf_counter() - t0, 1e-9)
-        bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
-        bar.update(1)
+        def on_done(info: ShardInfo) -> None:
+            counts["written"] += 1
+            counts["tokens"] += info.tokens
+            rate = counts["tokens"] / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
+            bar.update(1)
 
-    executor = executor or cfg.executor
-    if executor not in ("ray", "local"):
-        raise ValueError(f"executor must be ray or local, got {executor!r}")
-    # A CPU teacher in this process is far slower than tokenising: there the worker process is not worth starting.
-    source = ShardPrefetcher(prep) if executor == "ray" or teacher_device(cfg) != "cpu" else iter_shard_inputs(prep)
-    executor_class = {"ray": RayExecutor, "local": LocalExecutor}[executor]
-    try:
-        ex = executor_class(prep, cfg.out, storage_options)
-    except BaseException:
-        source.close()
-        raise
-    try:
-        if _needs_calibration(prep):
-            ids = ex.calibrate(calibration_sequences(prep))
-            fitted = prep.spec.codec.fit(ids)
-            writer.set_codec_params(fitted.params())
-            prep = dataclasses.replace(prep, header=writer.header, spec=writer.header.spec)
-            ex.set_spec(prep.spec)
-            log(f"fitted the {prep.spec.topk_codec} top-k codec on the teacher's top-k of {len(ids):,} tokens")
-        t0 = time.perf_counter()  # teachers are loaded and calibrated: from here on it is the steady-state rate
-        ex.run(todo(), on_done)
-        elapsed = time.perf_counter() - t0  # to the last shard committed: not the actors' or the cluster's shutdown
-    finally:
-        source.close()
-        ex.close()
-        bar.close()
+        executor = executor or cfg.executor
+        if executor not in ("ray", "local"):
+            raise ValueError(f"executor must be ray or local, got {executor!r}")
+        # A CPU teacher in this process is far slower than tokenising: there the worker process is not worth starting.
+        source = ShardPrefetcher(prep) if executor == "ray" or teacher_device(cfg) != "cpu" else iter_shard_inputs(prep)
+        executor_class = {"ray": RayExecutor, "local": LocalExecutor}[executor]
+        try:
+            ex = executor_class(prep, cfg.out, storage_options)
+        except BaseException:
+            source.close()
+            raise
+        try:
+            if _needs_calibration(prep):
+                ids = ex.calibrate(calibration_sequences(prep))
+                fitted = prep.spec.codec.fit(ids)
+                writer.set_codec_params(fitted.params())
+                prep = dataclasses.replace(prep, header=writer.header, spec=writer.header.spec)
+                ex.set_spec(prep.spec)
+                log(f"fitted the {prep.spec.topk_codec} top-k codec on the teacher's top-k of {len(ids):,} tokens")
+            t0 = time.perf_counter()  # teachers are loaded and calibrated: from here on it is the steady-state rate
+            ex.run(todo(), on_done)
+            elapsed = time.perf_counter() - t0  # to the last shard committed: not the actors' or the cluster's shutdown
+        finally:
+            source.close()
+            ex.close()
+            bar.close()
     n_shards = counts["index"] + 1
     if n_shards == 0:
         raise ValueError(f"the corpus {cfg.corpus} produced no sequence (every document empty, or shorter than "

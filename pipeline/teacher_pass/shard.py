@@ -24,9 +24,9 @@ from kdcache.pipeline.teacher_pass.inputs import shard_batches
 def auto_shards_in_flight(prep: Prepared, on_gpu: bool, cpus: float | None = None) -> int:
     """Shards one teacher works on at once: `--shards-in-flight`, or 1 on a CPU teacher (which needs
     its cores for the forward). Beside a GPU, the forwards take turns on the device while each shard's
-    writer compresses on a core of its own. One writer keeps up with ~600k top-k tokens/s but only
-    ~30k tokens/s of three float16 hidden layers (pipeline/bench/host_pipeline.py), so 4 for top-k
-    alone, and half of the teacher's `cpus` (at most 16) when dense columns are cached."""
+    writer compresses on a core of its own. One writer keeps up with a GPU's top-k columns but with
+    far fewer tokens/s of dense hidden states (docs/performance.md), so 4 for top-k alone, and half
+    of the teacher's `cpus` (at most 16) when dense columns are cached."""
     if prep.cfg.shards_in_flight > 0:
         return prep.cfg.shards_in_flight
     if not on_gpu:
@@ -135,7 +135,7 @@ class ShardProcessor:
                     with self._lock:
                         self.forward_calls += 1
                     if n == 1 or len(sequences) <= self.prep.cfg.batch_size:
-                        mid_shard(index)  # injected faults (pipeline/faults.py): one batch went to the writer
+                        mid_shard(index)  # injected faults (common/faults.py): one batch went to the writer
                     encoded = encode_pool.submit(writer.encode, {**batch, **outputs})
                     pending.append(write_pool.submit(lambda f=encoded: writer.write_encoded(f.result())))
                     while len(pending) > encoders:  # bounded host memory: at most this many batches in flight
@@ -164,13 +164,12 @@ class ShardProcessor:
 
 
 # Masked-LM batches are made in worker processes beside a GPU: masking is per-sequence numpy on
-# small arrays, which holds the GIL (~13 ms per 16k-token batch), and with several shards in flight
-# it starved the writers and the forward of the GIL. Workers get chunks of whole batches (masking is
-# a pure function of each sequence, so where it runs changes no byte) and stay `_AHEAD` chunks ahead.
+# small arrays, which holds the GIL, and with several shards in flight it starved the writers and the
+# forward of the GIL (docs/performance.md). Workers get chunks of whole batches (masking is a pure
+# function of each sequence, so where it runs changes no byte) and stay `_AHEAD` chunks ahead.
 _CHUNK_BATCHES = 4
-
-
 _AHEAD = 2
+_worker_state: tuple | None = None  # (prep, tok_info) in a batch worker process
 
 
 def _batch_worker_init(prep: Prepared, tok_info) -> None:
@@ -194,7 +193,7 @@ def _batch_worker_run(sequences: list) -> list[dict[str, Any]]:
 def auto_batch_workers(prep: Prepared, on_gpu: bool) -> int:
     """Processes making masked-LM batches: none on a CPU teacher (the forward needs the cores) or
     without masking (collate alone costs about what shipping the sequences there would); beside a
-    GPU 2 to 4 (one makes ~1.4M tokens/s of masked batches)."""
+    GPU 2 to 4, enough to keep ahead of the forwards (docs/performance.md)."""
     if not on_gpu or not prep.spec.mlm:
         return 0
     return max(2, min(4, (os.cpu_count() or 8) // 4))

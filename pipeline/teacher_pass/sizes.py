@@ -1,13 +1,12 @@
-"""Size estimates: compressed bytes per token per column from measured codec figures."""
+"""Size estimates for `kdcache plan`: compressed bytes per token per column, from the codecs' measured
+figures, so that a pass's disk cost is known before any teacher runs."""
 from __future__ import annotations
-
-
 
 from kdcache.storage import CacheSpec
 
-
-# Compressed bytes per stored value, measured by `kdcache bench storage` (SmolLM2-135M, wiki text).
-MEASURED = {  # docs/performance.md, `kdcache bench storage` on SmolLM2-135M, 2026-11-27
+# Compressed bytes per stored value: `kdcache bench storage` on SmolLM2-135M over wiki text, 2026-11-27
+# (docs/performance.md holds the full measurement).
+MEASURED = {
     "input_id": 1.6,  # estimate (not benched)
     "topk_entry": 1.65,  # default top-k codec (fitted), per (id, log-prob) pair
     "topk_tail": 2.0,  # float16 log tail per token

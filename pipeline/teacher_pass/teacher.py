@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from kdcache.pipeline.common.hf import hash_json, check_weights, detect_kind
+from kdcache.pipeline.common.hf import auto_class, check_weights, detect_kind, hash_json
 from kdcache.pipeline.common.runtime import amp_dtype, resolve_device
 
 # Rows per CPU top-k block: ~4M float32 values (16 MB, 137 rows of a 30k vocabulary) stay in cache.
@@ -46,8 +46,7 @@ def teacher_options_from(cfg) -> "TeacherOptions":
 
 def load_teacher(opts: TeacherOptions, need_attentions: bool):
     """(model in eval mode on its device, tokenizer, kind)."""
-    from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM,
-                              AutoModelForSequenceClassification, AutoTokenizer)
+    from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -57,8 +56,7 @@ def load_teacher(opts: TeacherOptions, need_attentions: bool):
     kind = detect_kind(config) if opts.kind == "auto" else opts.kind
     if kind not in TEACHER_KINDS[1:]:
         raise ValueError(f"teacher kind must be one of {TEACHER_KINDS}, got {kind!r}")
-    auto = {"masked-lm": AutoModelForMaskedLM, "causal-lm": AutoModelForCausalLM, "encoder": AutoModel,
-            "classifier": AutoModelForSequenceClassification}[kind]
+    auto = auto_class(kind)
     # Eager attention only when maps are cached: the fused kernels cannot return them.
     attn = "eager" if need_attentions else "sdpa"
     model = auto.from_pretrained(opts.name_or_path, attn_implementation=attn,
@@ -278,11 +276,11 @@ class TeacherRunner:
     @staticmethod
     def dense_columns(name: str, x: torch.Tensor, form: str, encode: bool) -> dict[str, Any]:
         """A hidden-state or attention column: in its storage form (+ int8 scales), or raw."""
-        from kdcache.storage.codecs import encode_dense_torch
+        from kdcache.storage.dense_forms import get_dense_form
 
         if not encode:
             return {name: _raw_dense(x, form)}
-        codes, params = encode_dense_torch(x, form)
+        codes, params = get_dense_form(form).encode_torch(x)
         return {name: codes, **({f"{name}_scale": params["scale"]} if "scale" in params else {})}
 
     def _start_copy(self, outputs: dict[str, Any]):

@@ -2,7 +2,7 @@
 mid-pass and run again, the disk filling up under a running pass, a corrupted cache under training.
 
 Drivers run as real subprocesses (`python -m kdcache.pipeline.cli.main`), so a SIGKILL is a SIGKILL. A driver
-that starts its own Ray cluster leaves Ray's processes behind when it is killed (RAY_NOTES): every
+that starts its own Ray cluster leaves Ray's processes behind when it is killed (seen on these machines): every
 test takes the list of the driver's descendants just before the kill and ends them by process id.
 """
 from __future__ import annotations
@@ -405,7 +405,8 @@ def _metrics(run: Path) -> list[dict]:
 def test_training_driver_sigkilled_then_rerun_resumes_from_its_checkpoint(tmp_path, reference, student):
     """`kdcache train` (Ray Train) killed with SIGKILL after its first checkpoints; the same command resumes
     from the last of them and its losses equal an uninterrupted run's (in this process, rtol 1e-5 on CPU)."""
-    from kdcache.pipeline.student.trainer import normalize, train
+    from kdcache.pipeline.student.trainer import train
+    from kdcache.pipeline.student.trainer.driver import normalize
     from kdcache.pipeline.student.config import load_train_config
 
     cache = reference[0]

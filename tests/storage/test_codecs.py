@@ -1,7 +1,7 @@
-"""Value codecs: exact ids, bounded log-prob and dense errors, plain Parquet leaves, clear errors.
+"""Top-k codecs: exact ids, bounded log-prob errors, plain Parquet leaves, clear errors, device twins.
 
 Synthetic data only (no model downloads); the real-teacher numbers come from
-pipeline/bench/topk_codec_experiment.py.
+experiments/topk_codec.py.
 """
 from __future__ import annotations
 
@@ -16,10 +16,6 @@ import torch
 from kdcache.storage.codecs import (
     CODECS,
     DEFAULT_TOPK_CODEC,
-    decode_dense,
-    dense_element_type,
-    encode_dense,
-    float32_to_bfloat16_bits,
     get_topk_codec,
     narrowest_uint,
     topk_kl_error,
@@ -222,59 +218,6 @@ def test_unknown_codec_and_kl_preconditions():
     assert topk_kl_error(ids, lp, ids[:, ::-1], lp[:, ::-1]) == pytest.approx(0, abs=1e-12)
 
 
-# --------------------------------------------------------------------------- dense
-
-
-def test_bfloat16_bits_match_torch():
-    rng = np.random.default_rng(6)
-    x = np.concatenate([
-        rng.standard_normal(100_000).astype(np.float32) * 10.0 ** rng.integers(-8, 8, 100_000),
-        np.array([0.0, -0.0, np.inf, -np.inf, 1e-40, -1e-40, 3.4e38, -3.4e38], np.float32),
-        # exact halfway cases: ties must go to even
-        (np.array([0x3F808000, 0x3F818000, 0x3F80C000], np.uint32)).view(np.float32),
-    ])
-    want = torch.tensor(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    np.testing.assert_array_equal(float32_to_bfloat16_bits(x), want)
-    # NaN: torch's bits differ between its scalar and vector paths; ours is 0x7FC0.
-    assert float32_to_bfloat16_bits(np.array([np.nan], np.float32))[0] == 0x7FC0
-    assert np.isnan(decode_dense(float32_to_bfloat16_bits(np.array([np.nan], np.float32)), "bfloat16")).all()
-
-
-def test_dense_forms_round_trip_within_stated_error():
-    rng = np.random.default_rng(7)
-    hidden = (rng.standard_normal((50, 12, 96)) * rng.uniform(0.1, 30, (50, 12, 1))).astype(np.float32)
-    hidden[0, 0] = 0  # an all-zero vector must not divide by zero
-    absmax = np.abs(hidden).max(-1, keepdims=True)
-    for form, bound in [("float16", 2.0**-11 * np.abs(hidden) + 1e-7), ("bfloat16", 2.0**-8 * np.abs(hidden)),
-                        ("int8", absmax / 254 * (1 + 1e-6) + 1e-12)]:
-        codes, params = encode_dense(hidden, form)
-        assert pa.from_numpy_dtype(codes.dtype) == dense_element_type(form)
-        back = decode_dense(codes, form, params)
-        assert back.dtype == np.float32 and back.shape == hidden.shape
-        assert (np.abs(back - hidden) <= bound).all(), form
-    assert encode_dense(hidden, "int8")[1]["scale"].shape == (50, 12)
-
-    attn = rng.dirichlet(np.full(64, 0.1), size=(40, 64)).astype(np.float32)
-    codes, params = encode_dense(attn, "uint8")
-    back = decode_dense(codes, "uint8", params)
-    assert codes.dtype == np.uint8 and back.shape == attn.shape
-    assert np.abs(back - attn).max() <= 1 / 255 + 1e-6
-    assert np.abs(back - attn).mean() < 2e-4
-    assert decode_dense(encode_dense(np.array([0.0, 1.0], np.float32), "uint8")[0], "uint8").tolist() == [0.0, 1.0]
-
-
-def test_dense_bad_input():
-    with pytest.raises(ValueError, match="form"):
-        encode_dense(np.zeros(3, np.float32), "int4")
-    with pytest.raises(ValueError, match="x"):
-        encode_dense(np.zeros(3, np.int32), "float16")
-    codes, params = encode_dense(np.ones((2, 4), np.float32), "int8")
-    with pytest.raises(ValueError, match="params"):
-        decode_dense(codes, "int8", {})
-    with pytest.raises(ValueError, match="params"):
-        decode_dense(codes, "int8", {"scale": np.ones(3, np.float32)})
-
-
 # --------------------------------------------------------------------------- torch twins (device encoding)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -315,43 +258,12 @@ def test_encode_torch_checks_its_inputs():
         codec.encode_torch(ids.numpy(), lp)
 
 
-@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # float16 of 7e4 and inf, on purpose
-@pytest.mark.parametrize("device", DEVICES)
-def test_encode_dense_torch_gives_the_numpy_codes(device):
-    from kdcache.storage.codecs import encode_dense_torch
-
-    rng = np.random.default_rng(10)
-    hidden = (rng.standard_normal((40, 12, 96)) * 10.0 ** rng.integers(-6, 6, (40, 12, 1))).astype(np.float32)
-    hidden[0, 0] = 0  # an all-zero vector (int8 scale 0)
-    hidden[0, 1, :3] = [np.inf, -np.inf, 7e4]  # beyond float16
-    attn = rng.dirichlet(np.full(64, 0.1), size=(40, 64)).astype(np.float32)
-    cases = [(hidden, f) for f in ("float16", "bfloat16", "int8")] + [(hidden.astype(np.float64), "float16"),
-                                                                      (attn, "uint8"), (attn, "float16")]
-    for x, form in cases:
-        if form == "int8":
-            x = np.nan_to_num(x, posinf=1e4, neginf=-1e4)
-        want, want_params = encode_dense(x, form)
-        got, got_params = encode_dense_torch(torch.from_numpy(x).to(device), form)
-        np.testing.assert_array_equal(got.cpu().numpy(), want, err_msg=f"{form} {x.dtype}")
-        assert got.cpu().numpy().dtype == want.dtype
-        assert set(got_params) == set(want_params)
-        for k, v in want_params.items():
-            np.testing.assert_array_equal(got_params[k].cpu().numpy(), v)
-    # bfloat16 NaN is the canonical 0x7FC0 on both sides; teacher outputs in bfloat16 encode the same.
-    nan = torch.tensor([np.nan, -np.nan, 1.0], device=device)
-    assert encode_dense_torch(nan, "bfloat16")[0].cpu().numpy().tolist()[:2] == [0x7FC0, 0x7FC0]
-    bf16 = torch.from_numpy(hidden).to(device).to(torch.bfloat16)
-    for form in ("float16", "bfloat16", "int8"):
-        src = bf16.nan_to_num(posinf=1e4, neginf=-1e4) if form == "int8" else bf16
-        np.testing.assert_array_equal(encode_dense_torch(src, form)[0].cpu().numpy(),
-                                      encode_dense(src.float().cpu().numpy(), form)[0])
-
-
 def test_pre_encoded_leaves_are_checked_and_stored_as_given():
     """The writer takes device-encoded leaves as they are (same bytes as encoding the raw columns
     itself) and refuses leaves of the wrong shape or dtype."""
     from kdcache.storage import CacheSpec
     from kdcache.storage.columns import to_record_batch
+    from kdcache.storage.dense_forms import get_dense_form
     from kdcache.storage.errors import ColumnError
     from kdcache.storage.schema import build_schema
     from tests.support import synthetic_batch
@@ -372,9 +284,9 @@ def test_pre_encoded_leaves_are_checked_and_stored_as_given():
         pre["topk_encoded"] = {leaf: a.reshape(B, T, *a.shape[1:]) for leaf, a in flat.items()}
         pre["topk_log_tail"] = raw["topk_log_tail"].astype(np.float16)
         for layer in spec.hidden_layers:
-            codes, params = encode_dense(raw[f"hidden_{layer}"], "int8")
+            codes, params = get_dense_form("int8").encode(raw[f"hidden_{layer}"])
             pre[f"hidden_{layer}"], pre[f"hidden_{layer}_scale"] = codes, params["scale"]
-        pre["attention_1"] = encode_dense(raw["attention_1"], "uint8")[0]
+        pre["attention_1"] = get_dense_form("uint8").encode(raw["attention_1"])[0]
         assert to_record_batch(pre, spec, schema).equals(to_record_batch(raw, spec, schema))
 
         bad = dict(pre, topk_encoded={**pre["topk_encoded"], "codes": pre["topk_encoded"]["codes"][:, :, :-1]})

@@ -77,6 +77,45 @@ def test_page_checksums_catch_corruption_even_without_file_checksum(cache):
             pass
 
 
+@pytest.fixture
+def hash_passes(monkeypatch):
+    """Counts whole-file checksum passes of the reader."""
+    from kdcache.storage import reader
+
+    passes = []
+    real = reader.checksum_stream
+
+    def counting(f):
+        passes.append(1)
+        return real(f)
+
+    monkeypatch.setattr(reader, "checksum_stream", counting)
+    return passes
+
+
+def test_whole_file_checksum_once_per_shard_per_process(cache, hash_passes):
+    for _epoch in range(2):  # the trainer opens every shard again each epoch, here through a new reader
+        assert _read_all(cache) == 24
+    assert len(hash_passes) == 3
+    assert verify_cache(str(cache))[0] == [] and len(hash_passes) == 6  # `kdcache verify` always hashes
+
+
+def test_shard_changed_after_its_first_open_is_checked_again(cache, hash_passes):
+    _read_all(cache)
+    shard = _first_shard(cache)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x40  # same size, new modification time
+    shard.write_bytes(bytes(data))
+    stat = shard.stat()
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # a coarse clock cannot hide it
+    with pytest.raises(ShardError, match=f"{shard.name}: checksum"):
+        _read_all(cache)
+    shard.write_bytes(bytes(data) + b"\0")  # another size
+    with pytest.raises(ShardError, match=f"{shard.name} is .* bytes but the manifest says"):
+        _read_all(cache)
+    assert len(hash_passes) == 3 + 1
+
+
 def test_truncated_shard(cache):
     shard = _first_shard(cache)
     shard.write_bytes(shard.read_bytes()[:-100])

@@ -120,10 +120,16 @@ def test_skip_rows_resumes_exactly(tmp_path, full_spec):
 
 
 def test_torch_batches(tmp_path, full_spec):
+    """The trainer's path: Arrow record batches -> padded numpy -> CPU tensors."""
     import torch
 
+    from kdcache.storage.columns import to_numpy
+    from kdcache.storage.reader import numpy_to_torch
+
     write_cache(tmp_path / "c", full_spec)
-    batch = next(CacheReader(str(tmp_path / "c")).iter_torch(["topk", "hidden_0"], batch_size=4))
+    reader = CacheReader(str(tmp_path / "c"))
+    rb = next(reader.iter_batches(["topk", "hidden_0"], batch_size=4))
+    batch = numpy_to_torch(to_numpy(rb, reader.spec))
     assert batch["topk_ids"].dtype == torch.int64 and batch["topk_ids"].shape[-1] == full_spec.k
     assert batch["hidden_0"].shape[0] == 4 and batch["hidden_0"].shape[-1] == full_spec.hidden_size
     assert batch["attention_mask"].shape == batch["topk_log_tail"].shape

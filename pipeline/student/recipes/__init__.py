@@ -1,6 +1,6 @@
 """Training recipes: YAML defaults for `kdcache train --recipe NAME` (NAME.yaml in this folder).
 
-A recipe is only a config file: the loss preset it names lives in `kdcache.pipeline.student.losses`, the loop in
+A recipe is only a config file: the loss preset it names lives in `kdcache.pipeline.student.presets`, the loop in
 `kdcache.pipeline.student.trainer`. Precedence when training: recipe < `--config FILE.yaml` < flags < key=value.
 """
 from __future__ import annotations

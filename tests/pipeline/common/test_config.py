@@ -39,3 +39,13 @@ def test_errors_name_the_key_and_the_source(tmp_path):
         build_config(Cfg)
     with pytest.raises(ValueError, match="is not key=value"):
         build_config(Cfg, None, {"teacher": "a"}, ["oops"])
+
+
+def test_given_values_holds_only_what_was_given(tmp_path):
+    from kdcache.pipeline.common.config import given_values, make_config
+
+    y = tmp_path / "c.yaml"
+    y.write_text("teacher: a\nk: 64\n")
+    given = given_values(Cfg, y, {"lr": None, "flag": False}, ["name=x"])
+    assert given == {"teacher": "a", "k": 64, "flag": False, "name": "x"}  # k given, even at the default's value
+    assert make_config(Cfg, given).lr == 1e-3

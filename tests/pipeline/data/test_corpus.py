@@ -12,7 +12,7 @@ import fsspec
 import pytest
 import zstandard
 
-from kdcache.pipeline.data.corpus import CorpusSpec, CorpusStats, Document, iter_documents, select_split, split_documents
+from kdcache.pipeline.data.corpus import CorpusSpec, CorpusStats, Document, iter_documents
 
 
 def read(paths, **kw) -> list[Document]:
@@ -295,29 +295,3 @@ def test_block_mode_long_block_is_cut_at_line_boundaries(tmp_path):
     assert len(pieces) > 3 and all(len(d.text) <= 200 for d in pieces)
     assert "".join(d.text for d in pieces) == "\n".join(lines)
     assert docs[-1].source == f"{path}:1" and docs[-1].text == "next block"
-
-
-# ---------------------------------------------------------------------------
-# Splits
-# ---------------------------------------------------------------------------
-
-
-def test_split_documents_is_a_stable_function_of_the_source():
-    docs = [Document(f"text {i}", f"corpus.txt:{i}") for i in range(3000)]
-    first = dict((d.source, s) for s, d in split_documents(docs, seed=7))
-    backwards = dict((d.source, s) for s, d in split_documents(reversed(docs), seed=7))
-    assert first == backwards
-    counts = {name: sum(1 for s in first.values() if s == name) for name in ("train", "dev", "test")}
-    assert abs(counts["train"] / 3000 - 0.8) < 0.04 and abs(counts["dev"] / 3000 - 0.1) < 0.03
-    assert first != dict((d.source, s) for s, d in split_documents(docs, seed=8))  # the seed matters
-    assert [d.source for d in select_split(docs, "dev", seed=7)] == [k for k, v in first.items() if v == "dev"]
-
-
-def test_split_keeps_pieces_of_a_record_together():
-    pieces = [Document(f"piece {p}", f"f.txt:{i}#{p}", part=p) for i in range(200) for p in range(3)]
-    by_record: dict[str, set[str]] = {}
-    for split, doc in split_documents(pieces, {"a": 0.5, "b": 0.5}):
-        by_record.setdefault(doc.record_id, set()).add(split)
-    assert all(len(s) == 1 for s in by_record.values())
-    with pytest.raises(ValueError, match="sum to 1"):
-        list(split_documents(pieces, {"a": 0.5, "b": 0.6}))

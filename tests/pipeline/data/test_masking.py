@@ -104,7 +104,7 @@ def test_masked_batches_carry_positions_and_labels():
     for row_p, row_l, m in zip(batch["mlm_positions"], batch["mlm_labels"], out):
         n = len(m.positions)
         assert row_p[:n].tolist() == m.positions.tolist() and row_l[:n].tolist() == m.mlm_labels.tolist()
-        assert (row_l[n:] == -100).all()
+        assert (row_l[n:] == -100).all() and (row_p[n:] == -1).all()  # the cache's own padding
 
 
 def test_tokenizer_info_from_a_real_tokenizer(bert_tokenizer, causal_tokenizer):

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kdcache.pipeline.data.corpus import CorpusSpec, Document
+from kdcache.pipeline.data.corpus import Document
 from kdcache.pipeline.data.sequences import (
-    Framing, Sequence, batch_sequences, collate, count_corpus, iter_sequences, plan_shards,
+    Framing, Sequence, batch_sequences, collate, iter_sequences, plan_shards,
 )
 
 
@@ -187,16 +187,3 @@ def test_plan_shards_gives_stable_ids(bert_tokenizer, sample_docs):
     assert [k for k, _ in first] == list(range(len(first)))
     assert all(ids == list(range(k * 5, k * 5 + len(ids))) for k, ids in first)
     assert all(len(ids) == 5 for _, ids in first[:-1]) and 1 <= len(first[-1][1]) <= 5
-
-
-def test_count_corpus_matches_a_full_pass(tmp_path, bert_tokenizer, sample_docs):
-    path = tmp_path / "docs.txt"
-    path.write_text("".join(t + "\n" for t, _ in sample_docs) * 3)
-    spec = CorpusSpec([str(path)])
-    counts = count_corpus(spec, bert_tokenizer, mode="pack", max_length=16)
-    docs = [Document(t, "x") for t, _ in sample_docs] * 3
-    n = len(list(iter_sequences(docs, bert_tokenizer, max_length=16)))
-    assert counts == (3 * len(sample_docs), n, n * 16)
-    ex = count_corpus(spec, bert_tokenizer, mode="examples", max_length=16)
-    assert ex.documents == ex.sequences == 3 * len(sample_docs)
-    assert ex.tokens == sum(len(s.input_ids) for s in iter_sequences(docs, bert_tokenizer, "examples", 16))

@@ -122,10 +122,10 @@ def test_perplexity_is_exp_of_mean_next_token_nll_and_ignores_padding(tmp_path):
 
 
 def test_latency_and_parameter_counts(tmp_path):
-    from kdcache.pipeline.evaluation.lm_eval import compare_latency, count_params, latency
+    from kdcache.pipeline.evaluation.lm_eval import compare_latency, count_params
 
     model, _ = _tiny_lm(tmp_path)
-    one = latency(model, batch_size=2, seq_len=8, repeats=3)
+    one = compare_latency({"m": model}, batch_size=2, seq_len=8, repeats=3)["m"]
     assert one["repeats"] == 3 and len(one["times_s"]) == 3 and one["min_s"] <= one["median_s"]
     assert one["tokens_per_s"] == pytest.approx(16 / one["median_s"])
     both = compare_latency({"a": model, "b": model}, batch_size=1, seq_len=4, repeats=2)

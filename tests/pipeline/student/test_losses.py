@@ -1,4 +1,4 @@
-"""Tests for kdcache.pipeline.student.losses: pure tensor maths, tiny shapes, CPU only."""
+"""Tests for kdcache.pipeline.student.losses, .terms and .presets: pure tensor maths, tiny shapes, CPU only."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kdcache.pipeline.student import losses as L
+from kdcache.pipeline.student import presets, terms
 
 B, T, V = 2, 5, 11
 
@@ -365,33 +366,35 @@ def test_parse_layer_map():
 
 
 def test_required_columns_presets():
-    assert L.required_columns(L.preset("distilbert")) == {
+    assert terms.required_columns(presets.preset("distilbert")) == {
         "input_ids", "topk_ids", "topk_logprobs", "topk_log_tail", "mlm_positions", "mlm_labels", "hidden_12",
     }
-    assert L.required_columns(L.distilbert(kd_tail="renorm")) == {
+    assert terms.required_columns(presets.distilbert(kd_tail="renorm")) == {
         "input_ids", "topk_ids", "topk_logprobs", "mlm_positions", "mlm_labels", "hidden_12",
     }
-    assert L.required_columns(L.preset("tinybert-general", n_student=2, n_teacher=4)) == {
+    assert terms.required_columns(presets.preset("tinybert-general", n_student=2, n_teacher=4)) == {
         "input_ids", "hidden_0", "hidden_2", "hidden_4", "attention_2", "attention_4",
     }
-    assert L.required_columns(L.preset("tinybert-task")) == {"input_ids", "task_logits"}
-    assert "attention_12" in L.required_columns(L.tinybert_task(4, 12, stage="intermediate"))
-    assert L.required_columns(L.preset("lm", n_student=2, n_teacher=4)) == {
+    assert terms.required_columns(presets.preset("tinybert-task")) == {"input_ids", "task_logits"}
+    assert "attention_12" in terms.required_columns(presets.tinybert_task(4, 12, stage="intermediate"))
+    assert terms.required_columns(presets.preset("lm", n_student=2, n_teacher=4)) == {
         "input_ids", "topk_ids", "topk_logprobs", "topk_log_tail", "hidden_4",
     }
-    assert L.required_columns(L.lm(2, 4, kd="sampled")) == {"input_ids", "sample_ids", "sample_weights", "hidden_4"}
-    spec = L.distilbert()
+    assert terms.required_columns(presets.lm(2, 4, kd="sampled")) == {
+        "input_ids", "sample_ids", "sample_weights", "hidden_4",
+    }
+    spec = presets.distilbert()
     spec.weights["cos"] = 0.0  # disabled losses need no columns
-    assert "hidden_12" not in L.required_columns(spec)
+    assert "hidden_12" not in terms.required_columns(spec)
     with pytest.raises(ValueError):
-        L.LossSpec(weights={"bogus": 1.0})
+        terms.LossSpec(weights={"bogus": 1.0})
     with pytest.raises(ValueError, match="layer_map"):
-        L.required_columns(L.LossSpec(weights={"hidden": 1.0}))
+        terms.required_columns(terms.LossSpec(weights={"hidden": 1.0}))
     with pytest.raises(ValueError):
-        L.preset("nope")
-    assert L.lm(2, 4, kd="sampled").temperature == 1.0 and L.lm(2, 4).temperature == 2.0
+        presets.preset("nope")
+    assert presets.lm(2, 4, kd="sampled").temperature == 1.0 and presets.lm(2, 4).temperature == 2.0
     with pytest.raises(ValueError, match="temperature 1.0"):
-        L.CompositeLoss(L.lm(2, 4, kd="sampled", temperature=2.0))
+        terms.CompositeLoss(presets.lm(2, 4, kd="sampled", temperature=2.0))
 
 
 def _bert_outputs(hidden=16, layers=2, heads=2, seed=0):
@@ -429,8 +432,8 @@ def test_composite_weights_and_parts():
         "attention_1": t_out.attentions[0].detach(),
         "attention_2": t_out.attentions[1].detach(),
     }
-    spec = L.distilbert(n_student=2, n_teacher=2)
-    comp = L.CompositeLoss(spec)
+    spec = presets.distilbert(n_student=2, n_teacher=2)
+    comp = terms.CompositeLoss(spec)
     total, parts = comp(out, batch)
     assert set(parts) == {"kd", "mlm", "cos"}
     expect = 5.0 * parts["kd"] + 2.0 * parts["mlm"] + 1.0 * parts["cos"]
@@ -440,7 +443,7 @@ def test_composite_weights_and_parts():
     )
     assert not parts["kd"].requires_grad and total.requires_grad
 
-    gen = L.CompositeLoss(L.tinybert_general(2, 2))
+    gen = terms.CompositeLoss(presets.tinybert_general(2, 2))
     total_g, parts_g = gen.compute(out, batch)
     assert set(parts_g) == {"emb", "hidden", "attn"}
     assert total_g.item() == pytest.approx(sum(v.item() for v in parts_g.values()), rel=1e-6)
@@ -453,23 +456,23 @@ def test_composite_projection_for_narrow_student():
     _, ids, out = _bert_outputs(hidden=8, layers=2, heads=2)
     tl, _, _ = _bert_outputs(hidden=16, layers=4, heads=2, seed=1)
     t_out = tl(input_ids=ids, attention_mask=_mask(), output_hidden_states=True, output_attentions=True)
-    spec = L.tinybert_general(2, 4)
+    spec = presets.tinybert_general(2, 4)
     batch = {"input_ids": ids, "attention_mask": _mask()}
-    for c in L.required_columns(spec) - {"input_ids"}:
+    for c in terms.required_columns(spec) - {"input_ids"}:
         kind, l = c.rsplit("_", 1)
         src = t_out.hidden_states if kind == "hidden" else t_out.attentions
         batch[c] = src[int(l) - (kind == "attention")].detach()
-    comp = L.CompositeLoss(spec, student_hidden_size=8, teacher_hidden_size=16)
+    comp = terms.CompositeLoss(spec, student_hidden_size=8, teacher_hidden_size=16)
     assert comp.proj is not None and len(list(comp.parameters())) == 2
     total, _ = comp(out, batch)
     total.backward()
     assert comp.proj.maps[0].weight.grad is not None
-    per = L.CompositeLoss(
-        L.LossSpec(weights={"emb": 1, "hidden": 1}, layer_map=spec.layer_map, per_layer_projection=True), 8, 16
+    per = terms.CompositeLoss(
+        terms.LossSpec(weights={"emb": 1, "hidden": 1}, layer_map=spec.layer_map, per_layer_projection=True), 8, 16
     )
     assert len(per.proj.maps) == 3
     with pytest.raises(ValueError, match="projection"):
-        L.CompositeLoss(L.tinybert_general(2, 4)).compute(out, batch)
+        terms.CompositeLoss(presets.tinybert_general(2, 4)).compute(out, batch)
 
 
 def test_composite_task_and_plain_dict_outputs():
@@ -477,10 +480,53 @@ def test_composite_task_and_plain_dict_outputs():
     torch.manual_seed(15)
     logits = torch.randn(4, 3, requires_grad=True)
     batch = {"attention_mask": torch.ones(4, 1), "task_logits": torch.randn(4, 3), "label": torch.tensor([0, 1, 2, 1])}
-    comp = L.CompositeLoss(L.LossSpec(weights={"pred": 0.5, "ce": 0.25}))
+    comp = terms.CompositeLoss(terms.LossSpec(weights={"pred": 0.5, "ce": 0.25}))
     total, parts = comp({"logits": logits}, batch)
     assert total.item() == pytest.approx(0.5 * parts["pred"].item() + 0.25 * parts["ce"].item(), rel=1e-6)
     with pytest.raises(KeyError, match="hidden_states"):
-        L.CompositeLoss(L.LossSpec(weights={"cos": 1.0}, cos_layer=(1, 1))).compute(
+        terms.CompositeLoss(terms.LossSpec(weights={"cos": 1.0}, cos_layer=(1, 1))).compute(
             {"logits": logits}, {"attention_mask": torch.ones(4, 1), "hidden_1": torch.randn(4, 1, 2)}
         )
+
+
+# ----------------------------------------------------------------- the term registry
+
+
+def test_every_term_is_declared_in_the_registry():
+    assert set(terms.TERMS) == {"kd", "rskd", "mlm", "clm", "cos", "emb", "hidden", "attn", "pred", "ce"}
+    for name, term in terms.TERMS.items():
+        assert term.name == name and term.about
+        assert set(term.outputs) <= {"logits", "hidden_states", "attentions"}
+    assert [n for n, t in terms.TERMS.items() if t.token_kd] == ["kd", "rskd"]
+    assert [n for n, t in terms.TERMS.items() if t.projected] == ["emb", "hidden"]
+    spec = presets.tinybert_general(2, 4)
+    assert terms.TERMS["attn"].layers(spec) == [("attention", 1, 2), ("attention", 2, 4)]
+    assert terms.TERMS["emb"].layers(spec) == [("hidden", 0, 0)]
+
+
+def test_a_new_term_is_one_registered_class():
+    """Registered once, a term is known to LossSpec, required_columns and CompositeLoss."""
+
+    @terms.register
+    class LogitNorm(terms.Term):
+        name, about = "logit_norm", "mean squared student logit, against a cached scale"
+
+        def columns(self, spec):
+            return {"logit_scale"}
+
+        def compute(self, spec, outputs, batch, mask, proj):
+            return (outputs["logits"].float().pow(2).mean(-1) * batch["logit_scale"]).mean()
+
+    try:
+        spec = terms.LossSpec(weights={"logit_norm": 2.0, "ce": 1.0})
+        assert terms.required_columns(spec) == {"input_ids", "logit_scale", "label"}
+        logits = torch.randn(4, 3)
+        batch = {"attention_mask": torch.ones(4, 1), "logit_scale": torch.ones(4), "label": torch.tensor([0, 1, 2, 1])}
+        total, parts = terms.CompositeLoss(spec)({"logits": logits}, batch)
+        assert list(parts) == ["logit_norm", "ce"]
+        assert parts["logit_norm"].item() == pytest.approx(logits.pow(2).mean().item(), rel=1e-6)
+        assert total.item() == pytest.approx(2 * parts["logit_norm"].item() + parts["ce"].item(), rel=1e-6)
+    finally:
+        del terms.TERMS["logit_norm"]
+    with pytest.raises(ValueError, match="unknown loss names"):
+        terms.LossSpec(weights={"logit_norm": 1.0})

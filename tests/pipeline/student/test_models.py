@@ -279,7 +279,7 @@ def test_refuses_to_overwrite_teacher(tmp_path):
 
 
 def test_record_feeds_loss_spec(tmp_path):
-    from kdcache.pipeline.student.losses import LossSpec, required_columns
+    from kdcache.pipeline.student.terms import LossSpec, required_columns
 
     _, tdir = _teacher("BertForMaskedLM", tmp_path)
     rec = init_student_from_teacher(tdir, tmp_path / "s", layers=[1, 3])

@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from kdcache.pipeline.common import allocator
-from kdcache.pipeline.student.trainer import CompatibilityError, normalize, train, validate
+from kdcache.pipeline.student.trainer import train, validate
+from kdcache.pipeline.student.trainer.driver import normalize
+from kdcache.pipeline.student.trainer.plan import CompatibilityError
 from kdcache.pipeline.student.config import load_train_config
 from kdcache.storage import CacheReader, ColumnError, assign_shards
 from tests.support import WORDS, llama_tokenizer, make_teacher, tiny_corpus
@@ -169,7 +171,7 @@ class GRUStudent:
     def make(config: dict):
         import torch.nn as nn
 
-        from kdcache.pipeline.student.trainer import StudentOutputs
+        from kdcache.pipeline.student.trainer.adapter import StudentOutputs
 
         class Net(nn.Module):
             num_layers, hidden_size, vocab_size = 1, 32, len(WORDS) + 5
@@ -219,6 +221,18 @@ def test_cuda_training_and_resume(setup):
     assert _samples(setup / "gpu_ref", 0) == _samples(setup / "gpu_crash", 0)
     state = torch.load(setup / "gpu_crash" / "checkpoints" / "step-00000008" / "model.pt", weights_only=True)
     assert next(iter(state.values())).device.type == "cuda"
+
+
+def test_fail_at_step_fires_once_per_run_folder(tmp_path):
+    """The trainer's switch of the shared fault mechanism: `N` raises on `fail_rank`, once per --out."""
+    from kdcache.pipeline.common import faults
+
+    faults.before_step(["3", "5:kill"], 1, 3, 0, str(tmp_path))  # another rank: nothing
+    faults.before_step(["3", "5:kill"], 1, 4, 1, str(tmp_path))  # another step: nothing
+    with pytest.raises(RuntimeError, match="injected failure before step 3 on rank 1 \\(fail_at_step\\)"):
+        faults.before_step(["3", "5:kill"], 1, 3, 1, str(tmp_path))
+    faults.before_step(["3", "5:kill"], 1, 3, 1, str(tmp_path))  # the resumed attempt goes past it
+    assert (tmp_path / ".fail-at-step-3-rank-1").exists()
 
 
 # --------------------------------------------------------------------------------------------- #

@@ -3,7 +3,8 @@ a raylet per node). Two nodes declare 2 "GPUs" each; the teacher actors ask for 
 finding no CUDA device inside, run the teacher on the CPU), so Ray must put two on each node. Training
 runs 2 Ray Train workers on nodes that each fit one.
 
-CPU requests are fractional and small so that a 2-core machine never waits on a CPU (RAY_NOTES).
+CPU requests are fractional and small so that a 2-core machine never waits on a CPU (whole-CPU requests
+that leave no CPU free were seen to hang a 2-CPU cluster).
 """
 from __future__ import annotations
 

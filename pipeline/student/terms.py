@@ -1,0 +1,446 @@
+"""The loss-term registry: every term a `LossSpec` can weight, each declared in one place.
+
+A term says what it reads (cache columns and teacher layers; student outputs), what it needs from
+the student and the cache beyond its columns (`problem`: the reason and the remedy, or None), and
+how it is computed. `LossSpec`, `required_columns`, `CompositeLoss`, the trainer's plan and its
+masked-KD path all read `TERMS`, so adding a term is one class here, decorated with `@register`.
+
+`TERMS` keeps registration order, which is also the order of the plan's checks. Layer indices
+follow `kdcache.pipeline.student.losses`: `hidden_{l}` is `hidden_states[l]` (0 = embeddings),
+`attention_{l}` is `attentions[l - 1]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn as nn
+
+from kdcache.pipeline.student.losses import (
+    HiddenProjection,
+    attention_mse_loss,
+    causal_lm_loss,
+    cosine_hidden_loss,
+    hard_ce,
+    hidden_mse_loss,
+    mlm_loss,
+    sampled_kd_loss,
+    soft_cross_entropy,
+    topk_kd_loss,
+)
+
+__all__ = ["LossSpec", "Term", "TERMS", "register", "required_columns", "CompositeLoss"]
+
+
+@dataclass
+class LossSpec:
+    """What to optimise: loss name → weight, plus the knobs those losses need.
+
+    ``layer_map`` pairs are (student, teacher) hidden-state indices (see module
+    docstring); ``cos_layer`` defaults to the last pair. A weight of 0 disables
+    a loss (it is neither computed nor required from the cache).
+    """
+
+    weights: dict[str, float]
+    temperature: float = 1.0
+    kd_tail: str = "bucket"
+    layer_map: list[tuple[int, int]] | None = None
+    cos_layer: tuple[int, int] | None = None
+    attention_kind: str = "probs"
+    average_heads: bool = False
+    per_layer_projection: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = set(self.weights) - set(TERMS)
+        if unknown:
+            raise ValueError(f"unknown loss names {sorted(unknown)}; known: {sorted(TERMS)}")
+        if self.kd_tail not in ("renorm", "bucket"):
+            raise ValueError(f"kd_tail must be 'renorm' or 'bucket', got {self.kd_tail!r}")
+        if self.layer_map is not None:
+            self.layer_map = [(int(s), int(t)) for s, t in self.layer_map]
+        if self.cos_layer is not None:
+            self.cos_layer = (int(self.cos_layer[0]), int(self.cos_layer[1]))
+
+    def active(self) -> dict[str, float]:
+        return {k: float(w) for k, w in self.weights.items() if w != 0}
+
+    def active_terms(self) -> list[Term]:
+        """The active terms in registry order (the order of the plan's checks)."""
+        active = self.active()
+        return [t for name, t in TERMS.items() if name in active]
+
+    def _pairs(self, what: str) -> list[tuple[int, int]]:
+        if self.layer_map is None:
+            raise ValueError(f"loss {what!r} needs LossSpec.layer_map")
+        return self.layer_map
+
+    def emb_pairs(self) -> list[tuple[int, int]]:
+        return [p for p in self._pairs("emb") if p[0] == 0]
+
+    def layer_pairs(self, what: str = "hidden") -> list[tuple[int, int]]:
+        return [p for p in self._pairs(what) if p[0] >= 1]
+
+    def cos_pair(self) -> tuple[int, int]:
+        if self.cos_layer is not None:
+            return self.cos_layer
+        return self._pairs("cos")[-1]
+
+
+# --------------------------------------------------------------------------- #
+# the registry
+# --------------------------------------------------------------------------- #
+
+# A projection for a (student, teacher) pair, or None: CompositeLoss's learned W_h.
+ProjFor = Callable[[tuple[int, int]], Callable[[torch.Tensor], torch.Tensor] | None]
+
+
+class Term:
+    """One loss term: subclass, set the attributes, override what differs, decorate with `@register`."""
+
+    name: str = ""
+    about: str = ""  # what it computes, one line
+    outputs: tuple[str, ...] = ("logits",)  # student outputs it reads: logits, hidden_states, attentions
+    token_kd: bool = False  # per-token KD on the logits: kd_positions=masked restricts it to the mask positions
+    projected: bool = False  # compares hidden states through a learned projection when the widths differ
+
+    def columns(self, spec: LossSpec) -> set[str]:
+        """The cache columns it reads, by their decoded names (`topk_ids`, not the codec's leaves)."""
+        raise NotImplementedError
+
+    def layers(self, spec: LossSpec) -> list[tuple[str, int, int]]:
+        """(kind, student layer, teacher layer) pairs it compares; kind is hidden | attention."""
+        return []
+
+    def problem(self, spec: LossSpec, student: Mapping[str, Any], cache_spec) -> str | None:
+        """Why this student and this cache cannot run the term, with the remedy; None when they can.
+
+        `student` holds the sizes the plan read from the student (hidden_size, num_heads,
+        num_labels, architecture); layers and columns are checked from `layers` / `columns`.
+        """
+        return None
+
+    def column_hint(self, cache_spec) -> str:
+        """Added to the error when one of its columns is missing from the cache."""
+        return ""
+
+    def check_spec(self, spec: LossSpec) -> None:
+        """Raise ValueError when the spec's knobs cannot work for this term."""
+
+    def compute(self, spec: LossSpec, outputs: Any, batch: Mapping[str, torch.Tensor], mask: torch.Tensor,
+                proj: ProjFor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+TERMS: dict[str, Term] = {}
+
+
+def register(cls: type[Term]) -> type[Term]:
+    TERMS[cls.name] = cls()
+    return cls
+
+
+def _out(outputs: Any, key: str) -> Any:
+    """Read ``key`` from a HF ModelOutput, a dict, or a plain object."""
+    if isinstance(outputs, Mapping):
+        val = outputs.get(key)
+    else:
+        val = getattr(outputs, key, None)
+    if val is None:
+        hint = ""
+        if key in ("hidden_states", "attentions"):
+            hint = f" (run the student with output_{key}=True; attentions need eager attention)"
+        raise KeyError(f"student outputs have no {key!r}{hint}")
+    return val
+
+
+# --------------------------------------------------------------------------- #
+# logit terms
+# --------------------------------------------------------------------------- #
+
+
+@register
+class TopKKD(Term):
+    name, about, token_kd = "kd", "topk_kd_loss on the student's token logits (cached top-k)", True
+
+    def columns(self, spec):
+        return {"topk_ids", "topk_logprobs"} | ({"topk_log_tail"} if spec.kd_tail == "bucket" else set())
+
+    def column_hint(self, cache_spec):
+        if cache_spec.targets == "topk":
+            return ""
+        return f" (the cache holds {cache_spec.targets!r} targets: use loss_weights.kd=0 loss_weights.rskd=5)"
+
+    def compute(self, spec, outputs, batch, mask, proj):
+        return topk_kd_loss(_out(outputs, "logits"), batch["topk_ids"], batch["topk_logprobs"],
+                            batch.get("topk_log_tail"), mask, spec.temperature, spec.kd_tail)
+
+
+@register
+class SampledKD(Term):
+    name, about, token_kd = "rskd", "sampled_kd_loss on the student's token logits (cached RS-KD samples)", True
+
+    def columns(self, spec):
+        return {"sample_ids", "sample_weights"}
+
+    def column_hint(self, cache_spec):
+        if cache_spec.targets == "sampled":
+            return ""
+        return f" (the cache holds {cache_spec.targets!r} targets: use loss_weights.rskd=0 loss_weights.kd=5)"
+
+    def check_spec(self, spec):
+        if spec.temperature != 1.0:
+            # The cache draws RS-KD samples from the untempered teacher (T = 1); a
+            # tempered student against untempered draws is not the tempered KL.
+            raise ValueError(f"rskd needs temperature 1.0 (the cached draws are from the teacher at T = 1), "
+                             f"got {spec.temperature}")
+
+    def compute(self, spec, outputs, batch, mask, proj):
+        return sampled_kd_loss(_out(outputs, "logits"), batch["sample_ids"], batch["sample_weights"], mask,
+                               spec.temperature)
+
+
+@register
+class MaskedLM(Term):
+    name, about = "mlm", "mlm_loss at the cached mask positions"
+
+    def columns(self, spec):
+        return {"mlm_positions", "mlm_labels"}
+
+    def compute(self, spec, outputs, batch, mask, proj):
+        return mlm_loss(_out(outputs, "logits"), batch["mlm_positions"], batch["mlm_labels"])
+
+
+@register
+class CausalLM(Term):
+    name, about = "clm", "causal_lm_loss on input_ids"
+
+    def columns(self, spec):
+        return set()  # input_ids: every spec reads it
+
+    def compute(self, spec, outputs, batch, mask, proj):
+        return causal_lm_loss(_out(outputs, "logits"), batch["input_ids"], mask)
+
+
+# --------------------------------------------------------------------------- #
+# hidden-state and attention terms
+# --------------------------------------------------------------------------- #
+
+
+@register
+class Cosine(Term):
+    name, outputs = "cos", ("hidden_states",)
+    about = "cosine_hidden_loss on spec.cos_layer (default: last pair of the layer map)"
+
+    def columns(self, spec):
+        return {f"hidden_{spec.cos_pair()[1]}"}
+
+    def layers(self, spec):
+        return [("hidden", *spec.cos_pair())]
+
+    def problem(self, spec, student, cache_spec):
+        s_h, t_h = student["hidden_size"], cache_spec.hidden_size or None
+        if s_h and t_h and s_h != t_h:
+            return (f"loss 'cos' (cosine between hidden states) needs equal widths, but the student is {s_h} wide "
+                    f"and the teacher {t_h}; a learned projection cannot make a cosine target meaningful. Set "
+                    "loss_weights.cos=0 (or use a same-width student: `kdcache init-student` without --hidden-size)")
+        return None
+
+    def compute(self, spec, outputs, batch, mask, proj):
+        s, t = spec.cos_pair()
+        return cosine_hidden_loss(_out(outputs, "hidden_states")[s], batch[f"hidden_{t}"], mask)
+
+
+class _HiddenMSE(Term):
+    """TinyBERT's MSE between hidden states, through the projection when the widths differ."""
+
+    outputs, projected = ("hidden_states",), True
+
+    def pairs(self, spec: LossSpec) -> list[tuple[int, int]]:
+        raise NotImplementedError
+
+    def columns(self, spec):
+        return {f"hidden_{t}" for _, t in self.pairs(spec)}
+
+    def layers(self, spec):
+        return [("hidden", s, t) for s, t in self.pairs(spec)]
+
+    def problem(self, spec, student, cache_spec):
+        t_h = cache_spec.hidden_size or None
+        if t_h and not student["hidden_size"]:
+            return (f"losses emb/hidden compare hidden states of width {t_h}, but the student's width is unknown, "
+                    "so no projection can be built: give the student a `hidden_size` attribute (student_factory) "
+                    "or an HF config")
+        return None
+
+    def compute(self, spec, outputs, batch, mask, proj):
+        hs = _out(outputs, "hidden_states")
+        # Summed over layers, as in TinyBERT (not averaged).
+        return sum(hidden_mse_loss(hs[s], batch[f"hidden_{t}"], mask, proj((s, t))) for s, t in self.pairs(spec))
+
+
+@register
+class Embedding(_HiddenMSE):
+    name, about = "emb", "embedding_mse_loss on the layer-map pair with student index 0"
+
+    def pairs(self, spec):
+        return spec.emb_pairs()
+
+
+@register
+class Hidden(_HiddenMSE):
+    name, about = "hidden", "hidden_mse_loss summed over layer-map pairs with student index >= 1"
+
+    def pairs(self, spec):
+        return spec.layer_pairs("hidden")
+
+
+@register
+class Attention(Term):
+    name, outputs = "attn", ("attentions",)
+    about = "attention_mse_loss summed over layer-map pairs with student index >= 1"
+
+    def columns(self, spec):
+        return {f"attention_{t}" for _, t in spec.layer_pairs("attn")}
+
+    def layers(self, spec):
+        return [("attention", s, t) for s, t in spec.layer_pairs("attn")]
+
+    def problem(self, spec, student, cache_spec):
+        heads = student["num_heads"]
+        if heads and cache_spec.num_heads and heads != cache_spec.num_heads and not spec.average_heads:
+            return (f"loss 'attn' compares attention maps head by head, but the student has {heads} heads and the "
+                    f"teacher {cache_spec.num_heads}: set average_heads=true (compares head-averaged maps), or make "
+                    f"the student with --num-heads {cache_spec.num_heads}")
+        return None
+
+    def compute(self, spec, outputs, batch, mask, proj):
+        att = _out(outputs, "attentions")
+        return sum(attention_mse_loss(att[s - 1], batch[f"attention_{t}"], mask, spec.attention_kind,
+                                      spec.average_heads) for s, t in spec.layer_pairs("attn"))
+
+
+# --------------------------------------------------------------------------- #
+# classifier terms
+# --------------------------------------------------------------------------- #
+
+
+class _Classifier(Term):
+    def problem(self, spec, student, cache_spec):
+        if student["num_labels"] is None:
+            return (f"losses pred/ce need a classifier student ({student['architecture']} is not one): init the "
+                    "student from the classifier teacher")
+        return None
+
+
+@register
+class Prediction(_Classifier):
+    name, about = "pred", "soft_cross_entropy(student logits, cached task_logits, T)"
+
+    def columns(self, spec):
+        return {"task_logits"}
+
+    def problem(self, spec, student, cache_spec):
+        why = super().problem(spec, student, cache_spec)
+        if why is None and cache_spec.num_labels and int(student["num_labels"]) != cache_spec.num_labels:
+            why = f"the cache's task logits have {cache_spec.num_labels} classes, the student {student['num_labels']}"
+        return why
+
+    def compute(self, spec, outputs, batch, mask, proj):
+        return soft_cross_entropy(_out(outputs, "logits"), batch["task_logits"], spec.temperature)
+
+
+@register
+class HardCE(_Classifier):
+    name, about = "ce", "hard_ce(student logits, cached label)"
+
+    def columns(self, spec):
+        return {"label"}
+
+    def compute(self, spec, outputs, batch, mask, proj):
+        return hard_ce(_out(outputs, "logits"), batch["label"])
+
+
+# --------------------------------------------------------------------------- #
+# what a spec reads, and its weighted sum
+# --------------------------------------------------------------------------- #
+
+
+def required_columns(spec: LossSpec) -> set[str]:
+    """Cache columns the active losses of ``spec`` read.
+
+    ``input_ids`` is always included (the student has to run on it).
+    ``attention_mask`` is not a cache column: the collator derives it from the
+    padding, and every batch must carry it.
+    """
+    cols = {"input_ids"}
+    for name in spec.active():
+        cols |= TERMS[name].columns(spec)
+    return cols
+
+
+class CompositeLoss(nn.Module):
+    """Weighted sum of the losses named in a ``LossSpec``.
+
+    It is an ``nn.Module`` only because TinyBERT-style hidden losses between
+    different widths own a learnable ``HiddenProjection``: put
+    ``composite.parameters()`` in the optimiser and move it to the device with
+    the student (and wrap it with the student under DDP/FSDP).
+
+    ``student_outputs``: a mapping/object with ``logits`` and, as needed,
+    ``hidden_states`` (tuple, index 0 = embeddings) and ``attentions`` (tuple,
+    one per layer). ``batch``: the cache columns from ``required_columns`` plus
+    ``attention_mask [B, T]``.
+    """
+
+    def __init__(
+        self,
+        spec: LossSpec,
+        student_hidden_size: int | None = None,
+        teacher_hidden_size: int | None = None,
+    ):
+        super().__init__()
+        self.spec = spec
+        self.weights = spec.active()
+        self.proj: HiddenProjection | None = None
+        self._proj_index: dict[tuple[int, int], int] = {}
+        projected = [t for t in spec.active_terms() if t.projected]
+        if (
+            projected
+            and student_hidden_size is not None
+            and teacher_hidden_size is not None
+            and student_hidden_size != teacher_hidden_size
+        ):
+            pairs = [p for t in projected for p in t.pairs(spec)]
+            self._proj_index = {p: i for i, p in enumerate(pairs)}
+            n = len(pairs) if spec.per_layer_projection else 1
+            self.proj = HiddenProjection(student_hidden_size, teacher_hidden_size, num_maps=n)
+        # Fail at construction, not at step 1, when the spec is incomplete.
+        required_columns(spec)
+        for name in self.weights:
+            TERMS[name].check_spec(spec)
+
+    def _proj_for(self, pair: tuple[int, int]):
+        if self.proj is None:
+            return None
+        return partial(self.proj, index=self._proj_index.get(pair, 0))
+
+    def compute(self, student_outputs: Any, batch: Mapping[str, torch.Tensor]):
+        """Return ``(total, {name: unweighted detached value})``."""
+        mask = batch["attention_mask"]
+        parts: dict[str, torch.Tensor] = {}
+        total = None
+        for name, w in self.weights.items():
+            val = TERMS[name].compute(self.spec, student_outputs, batch, mask, self._proj_for)
+            if not torch.is_tensor(val):  # sum over an empty pair list
+                raise ValueError(f"loss {name!r} has no layer pairs to compare in {self.spec.layer_map}")
+            parts[name] = val.detach()
+            total = w * val if total is None else total + w * val
+        if total is None:
+            raise ValueError("LossSpec has no loss with a non-zero weight")
+        return total, parts
+
+    def forward(self, student_outputs: Any, batch: Mapping[str, torch.Tensor]):
+        return self.compute(student_outputs, batch)

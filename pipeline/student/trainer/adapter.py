@@ -1,0 +1,86 @@
+"""The student adapter: the loop needs nothing from a student but a module
+`forward(input_ids, attention_mask) -> StudentOutputs`, so a non-transformer student plugs in through
+`student_factory: "module:function"`; Hugging Face models are wrapped in `HFStudent`."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from kdcache.pipeline.common.hf import import_user_object
+from kdcache.pipeline.student.config import TrainConfig
+
+
+@dataclass
+class StudentOutputs:
+    """What the losses read from a student: all optional, shapes as in `kdcache.pipeline.student.losses`."""
+
+    logits: torch.Tensor | None = None  # [B, T, V] (token) or [B, C] (classifier)
+    hidden_states: tuple | None = None  # index 0 = embeddings, l = after layer l
+    attentions: tuple | None = None  # attentions[l - 1] = layer l, [B, heads, T, T]
+
+
+class HFStudent(nn.Module):
+    """A Hugging Face model behind the `forward(input_ids, attention_mask) -> StudentOutputs` interface."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> StudentOutputs:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        return StudentOutputs(logits=getattr(out, "logits", None), hidden_states=getattr(out, "hidden_states", None),
+                              attentions=getattr(out, "attentions", None))
+
+    def save(self, folder: Path) -> None:
+        # Hidden states and attentions were switched on for the losses; the saved student returns
+        # them only on request, like any checkpoint (a config saying output_attentions=True also
+        # fails to load or save under the default SDPA attention).
+        config = self.model.config
+        flags = config.output_hidden_states, config.output_attentions
+        config.output_hidden_states = config.output_attentions = False
+        try:
+            self.model.save_pretrained(str(folder))
+        finally:
+            config.output_hidden_states, config.output_attentions = flags
+
+
+def build_student(cfg: TrainConfig, needs_hidden: bool, needs_attentions: bool) -> nn.Module:
+    """The student module in train mode; a factory's module must follow `HFStudent.forward`."""
+    if cfg.student_factory:
+        return import_user_object(cfg.student_factory)(dataclasses.asdict(cfg)).train()
+    from transformers.utils import logging as hf_logging
+
+    from kdcache.pipeline.student.models import load_student
+
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per worker is noise
+    model = load_student(cfg.student, output_hidden_states=needs_hidden, output_attentions=needs_attentions,
+                         trust_remote_code=cfg.trust_remote_code, dtype=torch.float32)
+    return HFStudent(model).train()
+
+
+def describe_student(cfg: TrainConfig) -> dict[str, Any]:
+    """Sizes the checks need, from the student's config (or a factory module's attributes)."""
+    if cfg.student_factory:
+        module = import_user_object(cfg.student_factory)(dataclasses.asdict(cfg))
+        get = lambda k: getattr(module, k, None)  # noqa: E731
+        return {k: get(k) for k in ("num_layers", "hidden_size", "num_heads", "vocab_size", "max_positions",
+                                    "num_labels")} | {"architecture": type(module).__name__, "meta": {}}
+    from transformers import AutoConfig
+
+    from kdcache.pipeline.student.models import read_student_meta
+
+    if not (Path(cfg.student) / "config.json").exists():
+        raise FileNotFoundError(f"student {cfg.student} has no config.json; make one with `kdcache init-student "
+                                "--teacher T --out STUDENT` (or point --student at a save_pretrained folder)")
+    c = AutoConfig.from_pretrained(cfg.student, trust_remote_code=cfg.trust_remote_code)
+    archs = getattr(c, "architectures", None) or []
+    return {"num_layers": getattr(c, "num_hidden_layers", None), "hidden_size": getattr(c, "hidden_size", None),
+            "num_heads": getattr(c, "num_attention_heads", None), "vocab_size": getattr(c, "vocab_size", None),
+            "max_positions": getattr(c, "max_position_embeddings", None),
+            "num_labels": c.num_labels if any("Classification" in a for a in archs) else None,
+            "architecture": archs[0] if archs else type(c).__name__, "meta": read_student_meta(cfg.student) or {}}
