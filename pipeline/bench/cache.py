@@ -157,7 +157,7 @@ def run(args) -> int:
         # The exact batches the cache pass will run (masking included), for the bare loop.
         tok_info = TokenizerInfo.from_tokenizer(AutoTokenizer.from_pretrained(teacher))
         proc_batches = [b for _, seqs in iter_shard_inputs(prep) for b in shard_batches(prep, tok_info, seqs)]
-        # A CPU teacher process runs with tuned malloc settings (pipeline/allocator.py); the bare loop
+        # A CPU teacher process runs with tuned malloc settings (pipeline/common/allocator.py); the bare loop
         # gets them too, so the ratio compares like with like. Measured once first without them:
         # the plain script a user would write.
         bare_default = None
@@ -191,7 +191,7 @@ def run(args) -> int:
         print(f"ratio               {c / b:>12.3f}   (goal >= 0.95)")
         if bare_default is not None:
             print(f"bare loop, glibc malloc defaults {bare_default:,.0f} tokens/s: full pass / that = "
-                  f"{c / bare_default:.3f} (the pass and the bare loop above run with pipeline/allocator.py)")
+                  f"{c / bare_default:.3f} (the pass and the bare loop above run with pipeline/common/allocator.py)")
         if args.json:
             print_json(result)
         return 0

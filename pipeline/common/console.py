@@ -28,25 +28,26 @@ from typing import Any, Callable, Iterator
 # A worker line that starts with this is kdcache's own: the driver shows it (without Ray's prefix).
 MARK = "[kdcache] "
 PROGRESS_MARK = "[kdcache:progress] "
-# "1"/"0" forces the choice below (tests); unset: a Ray worker process is remote, anything else local.
+# Set by kdcache's driver in its Ray workers' environment (`worker_env`): their output is relayed.
 REMOTE_ENV = "KDCACHE_REMOTE_CONSOLE"
 LOG_NAME = "kdcache.log"
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-# What errors look like in forwarded output: shown on the terminal as well as logged.
+# Processes that run kdcache's code: an error they print is shown as well as logged. Ray's own actors
+# (TrainController, PlacementGroupCleaner, ...) print tracebacks they recover from: those are only logged.
+OUR_ACTORS = ("RayTrainWorker", "TeacherActor")
+# What errors look like in forwarded output.
 _ERROR_LINE = re.compile(r"Traceback \(most recent call last\)|^\s*(\w+\.)*\w*(Error|Exception)\b[:(]|\bCRITICAL\b")
 
 
-def _remote() -> bool:
-    """In a Ray worker or actor process, whose output reaches the user only through the driver."""
-    forced = os.environ.get(REMOTE_ENV)
-    if forced in ("0", "1"):
-        return forced == "1"
-    if "ray" not in sys.modules:
-        return False
-    from ray._private import worker
+def worker_env() -> dict[str, str]:
+    """Environment for Ray workers whose driver draws their bars (`RayOutputRouter`); elsewhere (a
+    user's own TorchTrainer or Ray Tune) a worker's bar stays a plain tqdm bar."""
+    return {REMOTE_ENV: "1"}
 
-    return worker.global_worker.mode == worker.WORKER_MODE
+
+def _remote() -> bool:
+    return os.environ.get(REMOTE_ENV) == "1"
 
 
 def say(text: str) -> None:
@@ -134,7 +135,7 @@ class RayOutputRouter:
                 _write(self._file, prefix + line + "\n")
                 if line.startswith(MARK):
                     self._terminal(line[len(MARK):])
-                elif _ERROR_LINE.search(line):
+                elif who in OUR_ACTORS and _ERROR_LINE.search(line):
                     self._terminal(f"{prefix}{line}")
             _write(self._file, None)
 
@@ -201,6 +202,13 @@ def _quiet_libraries(handler: logging.Handler) -> list[tuple[logging.Logger, lis
         else:
             lg.handlers = []
             lg.propagate = True
+    ours = logging.getLogger("kdcache")
+    saved.append((ours, ours.handlers[:], ours.level, ours.propagate))
+    if not ours.handlers:  # a library caller: kdcache's warnings still need the user's eyes
+        terminal = logging.StreamHandler(sys.stderr)
+        terminal.setLevel(logging.WARNING)
+        terminal.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        ours.addHandler(terminal)
     logging.captureWarnings(True)
     return saved
 
@@ -208,7 +216,10 @@ def _quiet_libraries(handler: logging.Handler) -> list[tuple[logging.Logger, lis
 @contextlib.contextmanager
 def run_console(run_dir: str | Path | None, say_where: Callable[[str], None] | None = None) -> Iterator[Path | None]:
     """Inside: the terminal shows kdcache's lines only; everything else goes to `<run_dir>/kdcache.log`
-    (a URL or no run folder: a local temporary folder). Yields the log's path. Nested use is a no-op."""
+    (a URL or no run folder: a kept temporary folder, whose path is printed). Yields the log's path.
+
+    One per process, entered by the command or demo that owns the terminal: a nested call (a demo's
+    stages, `train` inside a demo) is a no-op that yields the outer log."""
     if getattr(run_console, "_active", None):
         yield run_console._active
         return
@@ -219,48 +230,57 @@ def run_console(run_dir: str | Path | None, say_where: Callable[[str], None] | N
         folder = Path(tempfile.mkdtemp(prefix="kdcache-logs-"))
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOG_NAME
-    log_file = open(path, "a", encoding="utf-8")
-    _write(log_file, f"--- kdcache {' '.join(sys.argv[1:]) or '(library call)'} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    handler = _LogFileHandler(log_file)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
-    saved = _quiet_libraries(handler)
-    router = RayOutputRouter(log_file)
-    ray_swap = _route_ray_output(router)
-    (say_where or (lambda s: print(s, flush=True)))(f"library and Ray messages: {path}")
-    run_console._active = path
-    try:
+    with contextlib.ExitStack() as undo:
+        log_file = open(path, "a", encoding="utf-8")
+        undo.callback(_close_quietly, log_file)
+        _write(log_file, f"--- kdcache {' '.join(sys.argv[1:]) or '(library call)'} at "
+                         f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handler = _LogFileHandler(log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+        undo.callback(_restore_loggers, _quiet_libraries(handler), logging._warnings_showwarning is not None)
+        router = RayOutputRouter(log_file)
+        undo.callback(router.close)
+        undo.callback(_route_ray_output(router))
+        (say_where or (lambda s: print(s, flush=True)))(f"library and Ray messages: {path}")
+        run_console._active = path
+        undo.callback(setattr, run_console, "_active", None)
         yield path
-    finally:
-        run_console._active = None
-        ray_swap()
-        router.close()
-        logging.captureWarnings(False)
-        for lg, handlers, level, propagate in saved:
-            lg.handlers, lg.level, lg.propagate = handlers, level, propagate
-        with contextlib.suppress(OSError):
-            log_file.close()
+
+
+def _close_quietly(f) -> None:
+    with contextlib.suppress(OSError):
+        f.close()
+
+
+def _restore_loggers(saved: list, capturing_warnings: bool) -> None:
+    logging.captureWarnings(capturing_warnings)
+    for lg, handlers, level, propagate in saved:
+        lg.handlers, lg.level, lg.propagate = handlers, level, propagate
 
 
 def _route_ray_output(router: RayOutputRouter) -> Callable[[], None]:
     """Put `router` in place of Ray's printer of forwarded output, now and for any `ray.init` to come
-    while it is active; returns the undo."""
+    while it is active; returns the undo. Ray's dispatcher is internal: if its shape ever changes,
+    Ray's own printing stays (a noisier screen, nothing lost)."""
     try:
         from ray._private import ray_logging, worker
-    except ImportError:
+
+        dispatcher = ray_logging.global_worker_stdstream_dispatcher
+        original_add = dispatcher.add_handler
+        lock = dispatcher._lock
+        with lock:
+            dispatcher.handlers = [(n, router if n == "ray_print_logs" else h) for n, h in dispatcher.handlers]
+    except (ImportError, AttributeError):
         return lambda: None
-    dispatcher = ray_logging.global_worker_stdstream_dispatcher
-    original_add = dispatcher.add_handler
 
     def add_handler(name: str, handler: Callable) -> None:
         original_add(name, router if name == "ray_print_logs" else handler)
 
-    with dispatcher._lock:
-        dispatcher.handlers = [(n, router if n == "ray_print_logs" else h) for n, h in dispatcher.handlers]
     dispatcher.add_handler = add_handler
 
     def undo() -> None:
-        dispatcher.add_handler = original_add
-        with dispatcher._lock:
+        del dispatcher.add_handler  # the class's method again
+        with lock:
             dispatcher.handlers = [
                 (n, _ray_printer(worker) if h is router else h) for n, h in dispatcher.handlers]
 

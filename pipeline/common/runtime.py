@@ -2,6 +2,7 @@
 dtype of a forward (one rule for the teacher pass and for training)."""
 from __future__ import annotations
 
+import logging
 import os
 import torch
 
@@ -17,12 +18,17 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> bool:
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
+    # Ray's own "Connected to / Started a local Ray instance" lines go to the run's log (common.console):
+    # which of the two happened is kdcache's to say.
+    log = logging.getLogger("kdcache.runtime")
     if address:
         ray.init(address=address, log_to_driver=True)
+        log.info("joined the Ray cluster at %s (%s CPUs)", address, ray.cluster_resources().get("CPU", 0))
         return False
     ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=True,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE":
                                        os.environ.get("HF_HUB_OFFLINE", "0")}})
+    log.info("started a local Ray cluster (%s CPUs)", ray.cluster_resources().get("CPU", 0))
     return True
 
 

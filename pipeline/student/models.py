@@ -1,5 +1,9 @@
 """``init-student``: build a student from a teacher's *weights*, never running it.
 
+(Over 500 lines: the teacher-weight reader, the layer choice, the key mapping across architectures
+and the copy walk are one job, initialisation, and share their private helpers; loading a saved
+student and adding a classification head are the last ~80 lines and use the same helpers.)
+
 Two initialisations:
 
 * **DistilBERT style** (width kept: ``hidden_size``/``intermediate_size``/

@@ -125,7 +125,7 @@ def test_cache_and_train_jobs_submitted_to_a_running_cluster(ray_head, tmp_path)
     assert _status(env, "kdcache-test-cache") == "SUCCEEDED"
     # The job joined the cluster it was submitted to (RAY_ADDRESS inside the job); it started none.
     logs = r.stdout + r.stderr
-    assert "Connected to Ray cluster" in logs and "Started a local Ray instance" not in logs
+    assert "joined the Ray cluster at" in logs and "started a local Ray cluster" not in logs
 
     verify = subprocess.run([str(BIN / "kdcache"), "verify", str(cache)], capture_output=True, text=True, timeout=300)
     assert verify.returncode == 0, verify.stdout + verify.stderr
@@ -140,7 +140,7 @@ def test_cache_and_train_jobs_submitted_to_a_running_cluster(ray_head, tmp_path)
     train_s = time.time() - t0
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert _status(env, "kdcache-test-train") == "SUCCEEDED"
-    assert "Started a local Ray instance" not in r.stdout + r.stderr
+    assert "joined the Ray cluster at" in r.stdout + r.stderr and "started a local Ray cluster" not in r.stdout + r.stderr
 
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 3

@@ -93,7 +93,7 @@ def test_bad_line_mid_corpus_names_it_and_keeps_the_shards_before_it(tmp_path, t
     # Above COUNT_LIMIT_BYTES the corpus is not read ahead to count it, so a bad record surfaces only when
     # the pass reaches it, with earlier shards committed: the situation of a real, large corpus.
     monkeypatch.setattr(cache_pass, "COUNT_LIMIT_BYTES", 0)
-    # Documents are tokenised 256 at a time (pipeline/sequences.py): the bad one comes in the second group.
+    # Documents are tokenised 256 at a time (pipeline/data/sequences.py): the bad one comes in the second group.
     corpus = Path(tiny_corpus(tmp_path / "corpus.jsonl", docs=320, words_per_doc=(5, 12)))
     lines = corpus.read_text().splitlines()
     good = lines[300]

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from kdcache.pipeline.common import allocator
 from kdcache.pipeline.common.console import run_console
+from kdcache.pipeline.common.console import worker_env as console_worker_env
 from kdcache.pipeline.student.config import TrainConfig
 from kdcache.pipeline.student.trainer.checkpoint import check_resume
 from kdcache.pipeline.student.trainer.loop import train_loop
@@ -81,7 +82,7 @@ def auto_cpus_per_worker(cfg: TrainConfig) -> float:
 
     total = float(ray.cluster_resources().get("CPU", 1))
     # Leave about one CPU for the reader threads and Ray's own tasks: whole-CPU workers that use every
-    # core can starve them and hang a small machine (RAY_NOTES: 0.9 x 2 on 2 CPUs hung, 0.5 x 2 ran).
+    # core can starve them and hang a small machine (seen: 0.9 x 2 on 2 CPUs hung, 0.5 x 2 ran).
     return max(0.1, min(1.0, round((total - 1) / cfg.workers, 2) or 0.1))
 
 
@@ -117,8 +118,9 @@ def _fit_with_ray(cfg: TrainConfig, plan: RunPlan, log) -> dict[str, Any]:
     try:
         cpus = auto_cpus_per_worker(cfg)
         resources = {"CPU": cpus} | ({"GPU": 1} if cfg.use_gpu else {})
-        # CPU workers reuse freed memory instead of faulting it in every step (allocator.py: ~10% per step).
-        worker_env = {} if cfg.use_gpu else allocator.worker_env()
+        # CPU workers reuse freed memory instead of faulting it in every step (allocator.py: ~10% per step);
+        # every worker's progress bar is drawn by this driver (common.console).
+        worker_env = console_worker_env() | ({} if cfg.use_gpu else allocator.worker_env())
         trainer = TorchTrainer(
             train_loop,
             train_loop_config=dataclasses.asdict(cfg),

@@ -1,4 +1,4 @@
-"""pipeline/allocator.py: a CPU teacher process reuses freed memory instead of faulting it in again."""
+"""pipeline/common/allocator.py: a CPU teacher process reuses freed memory instead of faulting it in again."""
 from __future__ import annotations
 
 import json

@@ -25,11 +25,14 @@ def test_router_sends_worker_chatter_to_the_file_and_marked_lines_to_the_termina
                   actor="PlacementGroupCleaner"))
     router(_batch([console.MARK + "resuming from step 4", "Checkpoint successfully created at: ..."]))
     router(_batch(["ValueError: loss is nan at step 7"], is_err=True))
+    router(_batch(["Traceback (most recent call last):", "ConnectionError: Found multiple active Ray instances"],
+                  actor="PlacementGroupCleaner", is_err=True))  # Ray's own actor, recovered: logged only
     router.close()
     assert shown == ["resuming from step 4", "(RayTrainWorker pid=123) ValueError: loss is nan at step 7"]
     logged = log.getvalue()
     assert "(PlacementGroupCleaner pid=123) Failed to query" in logged
     assert "(RayTrainWorker pid=123) Checkpoint successfully created" in logged
+    assert "(PlacementGroupCleaner pid=123) ConnectionError: Found multiple" in logged
 
 
 def test_worker_progress_becomes_one_bar_on_the_driver(capsys, monkeypatch):
@@ -73,7 +76,7 @@ def test_a_real_cluster_forwards_nothing_but_kdcache_lines(tmp_path, capfd):
     with console.run_console(tmp_path) as path:
         started = init_ray(None, num_cpus=1)
         try:
-            @ray.remote(num_cpus=0.5)
+            @ray.remote(num_cpus=0.5, runtime_env={"env_vars": console.worker_env()})
             def chatty():
                 import sys
 

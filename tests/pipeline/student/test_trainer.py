@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -349,7 +350,7 @@ def test_ray_two_workers_checkpoint(setup, reference_run):
     cfg, summary = reference_run
     run = Path(cfg.out)
     assert summary["steps"] == cfg.steps and summary["resumed_from_step"] == 0
-    assert summary["malloc_tuned"] == allocator.enabled()  # CPU workers start with pipeline/allocator.py's settings
+    assert summary["malloc_tuned"] == allocator.enabled()  # CPU workers start with pipeline/common/allocator.py's settings
     ckpts = sorted(p.name for p in (Path(cfg.storage_path) / cfg.run_name).glob("step-*"))
     assert len(ckpts) == 2 and ckpts[-1] == f"step-{cfg.steps:08d}"  # num_to_keep=2, the last step included
     last = Path(cfg.storage_path) / cfg.run_name / ckpts[-1]
@@ -397,3 +398,31 @@ def test_ray_failures_resume_exactly(setup, reference_run, capsys):
         mine = [i for sh in assign_shards(reader.shards, rank, 2)
                 for i in range(sh.sample_id_first, sh.sample_id_last + 1)]
         assert seen == mine  # each of the rank's rows once, in order: none twice, none skipped
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_kdcache_train_screen_shows_kdcache_lines_only(setup):
+    """A real `kdcache train` on a Ray Train worker: Ray's worker-prefixed lines (controller, placement-group
+    cleaner, checkpoint reports) go to <out>/kdcache.log; the terminal gets the run's own lines and one
+    progress bar drawn by the driver."""
+    import re
+    import subprocess
+    import sys
+
+    run = setup / "screen"
+    proc = subprocess.run(
+        [sys.executable, "-m", "kdcache.pipeline.cli.main", "train", "--recipe", "distilbert",
+         "--cache", str(setup / "cache"), "--student", str(setup / "student"), "--out", str(run),
+         "--workers", "1", "--steps", "6", "--batch-size", str(BATCH), "--checkpoint-every", "3",
+         "tensorboard=false"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "120"})
+    screen = re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout + proc.stderr)
+    assert proc.returncode == 0, screen[-3000:]
+    prefixed = [line for line in re.split(r"[\r\n]", screen) if re.match(r"\s*\(\w+ pid=\d+", line)]
+    assert prefixed == [], prefixed[:5]
+    assert f"library and Ray messages: {run / 'kdcache.log'}" in proc.stdout
+    assert re.search(r"train: 100%.*6/6", screen), screen[-2000:]  # the worker's bar, drawn by the driver
+    logged = (run / "kdcache.log").read_text()
+    assert re.search(r"\(\w+ pid=\d+\) ", logged)  # Ray's chatter is kept, in the file
+    assert (run / "metrics.jsonl").exists()
