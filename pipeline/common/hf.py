@@ -86,8 +86,28 @@ def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
             "pad_token_id": tokenizer.pad_token_id}
 
 
+# Tokenizer files, in one place: any of TOKENIZER_FILES means a folder holds a tokenizer (the
+# student/cache compatibility check); TOKENIZER_COPY_PATTERNS is what travels with it when a student
+# is made from a teacher (the tokenizer and the files its behaviour depends on), copied verbatim.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt", "*.model",
                    "*.tiktoken")
+TOKENIZER_COPY_PATTERNS = (
+    "tokenizer*.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece*.model",
+    "*.tiktoken",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "generation_config.json",  # eos/pad ids belong to the tokenizer, not the size
+)
 
 
 def import_user_object(spec: str, what: str = "student_factory") -> Any:

@@ -46,28 +46,10 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
-from kdcache.pipeline.common.hf import architecture_kind, auto_class, refuse_pickle
+from kdcache.pipeline.common.hf import TOKENIZER_COPY_PATTERNS, architecture_kind, auto_class, refuse_pickle
 
 STUDENT_META = "kdcache_student.json"
 
-# Files that make up a tokenizer (or travel with it). Copied verbatim.
-_TOKENIZER_PATTERNS = (
-    "tokenizer*.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "spiece.model",
-    "sentencepiece*.model",
-    "*.tiktoken",
-    "chat_template.json",
-    "chat_template.jinja",
-    "preprocessor_config.json",
-    "generation_config.json",  # eos/pad ids belong to the tokenizer, not the size
-)
 
 # Per-layer config lists that must follow the chosen layers.
 _PER_LAYER_CONFIG_KEYS = ("layer_types",)
@@ -478,7 +460,7 @@ def _copy_weights(student: nn.Module, weights: _TeacherWeights, chosen: list[int
 
 def _copy_tokenizer(teacher_dir: Path, out_dir: Path, drop_token_types: bool) -> list[str]:
     copied = []
-    for pattern in _TOKENIZER_PATTERNS:
+    for pattern in TOKENIZER_COPY_PATTERNS:
         for f in sorted(teacher_dir.glob(pattern)):
             if f.is_file():
                 shutil.copy2(f, out_dir / f.name)
