@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from kdcache.storage.fs import is_url
+
 # A worker line that starts with this is kdcache's own: the driver shows it (without Ray's prefix).
 MARK = "[kdcache] "
 PROGRESS_MARK = "[kdcache:progress] "
@@ -223,7 +225,7 @@ def run_console(run_dir: str | Path | None, say_where: Callable[[str], None] | N
     if getattr(run_console, "_active", None):
         yield run_console._active
         return
-    folder = Path(run_dir) if run_dir and "://" not in str(run_dir) else None
+    folder = Path(run_dir) if run_dir and not is_url(str(run_dir)) else None
     if folder is None:
         import tempfile
 
