@@ -60,21 +60,57 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _ints(flag: str, text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise ValueError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+
+
+def _init_small_student(args) -> int:
+    from kdcache.pipeline.common.jsonout import print_json
+    from kdcache.pipeline.student.small import init_small_student
+
+    transformer_only = [f for f, v in (("--layers", args.layers), ("--num-layers", args.num_layers),
+                                       ("--hidden-size", args.hidden_size), ("--num-heads", args.num_heads),
+                                       ("--intermediate-size", args.intermediate_size)) if v]
+    if transformer_only:
+        raise ValueError(f"{', '.join(transformer_only)}: transformer students only; a {args.architecture} student "
+                         "takes --hidden/--dense (bilstm), --filters/--kernel-sizes (cnn), --embedding-size")
+    record = init_small_student(
+        args.teacher, args.out, args.architecture, num_labels=args.num_labels, embedding_size=args.embedding_size,
+        embedding_init="random" if args.embedding_init == "random" else "teacher", seed=args.seed,
+        allow_pickle=args.allow_pickle, hidden=args.hidden, dense=args.dense, pooling=args.pooling,
+        pair=args.pair or None, filters=args.filters, kernel_sizes=_ints("--kernel-sizes", args.kernel_sizes),
+        dropout=args.dropout)
+    if args.json:
+        print_json(record)
+    else:
+        print(f"{args.architecture} student in {args.out}: {record['params']:,} parameters "
+              f"({record['params_without_embeddings']:,} without the embedding table); embeddings "
+              f"{record['embedding_init']}")
+    return 0
+
+
 def cmd_init_student(args) -> int:
     from kdcache.pipeline.common.jsonout import print_json
     from kdcache.pipeline.student.models import init_student_from_teacher
 
-    layers = None
-    if args.layers:
-        try:
-            layers = [int(x) for x in args.layers.replace(" ", "").split(",") if x]
-        except ValueError:
-            raise ValueError(f"--layers: expected comma-separated teacher block indices, got {args.layers!r}") from None
+    if args.architecture != "transformer":
+        return _init_small_student(args)
+    small_only = [f for f, v in (("--hidden", args.hidden), ("--dense", args.dense), ("--filters", args.filters),
+                                 ("--kernel-sizes", args.kernel_sizes), ("--embedding-size", args.embedding_size),
+                                 ("--pooling", args.pooling), ("--pair", args.pair)) if v]
+    if small_only:
+        raise ValueError(f"{', '.join(small_only)}: BiLSTM/CNN students only (add --architecture bilstm or cnn)")
+    layers = _ints("--layers", args.layers)
     record = init_student_from_teacher(args.teacher, args.out, layers=layers, num_layers=args.num_layers,
                                        hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
                                        num_heads=args.num_heads, trust_remote_code=args.trust_remote_code,
                                        allow_pickle=args.allow_pickle, seed=args.seed,
-                                       embedding_init=args.embedding_init)
+                                       embedding_init="pca" if args.embedding_init in ("pca", "teacher") else "random")
     if args.json:
         print_json(record)
     else:
@@ -106,9 +142,25 @@ def register(subparsers) -> None:
     s.add_argument("--allow-pickle", action="store_true",
                    help="accept pickle (.bin) teacher weights, loaded with weights_only=True")
     s.add_argument("--seed", type=int, default=0, help="seed for randomly initialised weights")
-    s.add_argument("--embedding-init", choices=("random", "pca"), default="random",
-                   help="narrower student: embedding tables random, or the teacher's projected onto their top "
-                        "principal directions (pca)")
+    s.add_argument("--architecture", choices=("transformer", "bilstm", "cnn"), default="transformer",
+                   help="transformer: the teacher's own family (blocks copied or random); bilstm (Tang et al.) "
+                        "or cnn (Kim): small classifiers on the teacher's tokenizer")
+    s.add_argument("--embedding-init", choices=("random", "pca", "teacher"), default=None,
+                   help="embedding table: random, or the teacher's (projected onto its top principal directions "
+                        "where the student is narrower; pca and teacher mean the same). Default: random for a "
+                        "narrower transformer, teacher for bilstm/cnn")
+    b = s.add_argument_group("bilstm / cnn students")
+    b.add_argument("--embedding-size", type=int, default=None, help="token embedding width (default: the teacher's)")
+    b.add_argument("--num-labels", type=int, default=None, help="classes (default: the teacher's id2label, else 2)")
+    b.add_argument("--hidden", type=int, default=None, help="bilstm: LSTM width per direction (default 300)")
+    b.add_argument("--dense", type=int, default=None, help="bilstm: ReLU layer width (default 400)")
+    b.add_argument("--pooling", choices=("final", "max"), default=None,
+                   help="bilstm: concatenated final states (default) or max over time")
+    b.add_argument("--pair", action="store_true",
+                   help="bilstm: sentence-pair variant [h1, h2, h1*h2, |h1-h2|], split at the first [SEP]")
+    b.add_argument("--filters", type=int, default=None, help="cnn: filters per kernel width (default 100)")
+    b.add_argument("--kernel-sizes", default=None, help="cnn: comma-separated kernel widths (default 3,4,5)")
+    b.add_argument("--dropout", type=float, default=None, help="bilstm/cnn: dropout (default 0.1 / 0.5)")
     s.add_argument("--json", action="store_true", help="print the student record as one JSON object (last line)")
     s.set_defaults(func=cmd_init_student)
 

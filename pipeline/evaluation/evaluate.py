@@ -25,13 +25,35 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
 
 def load_classifier(path: str | Path, trust_remote_code: bool = False):
+    """(model in eval mode, tokenizer) for an HF sequence classifier or a kdcache BiLSTM/CNN student."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from kdcache.pipeline.student.small import is_small_student, load_small_student
 
     path = str(path)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if is_small_student(path):
+        return load_small_student(path), tok
     model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True,
                                                                trust_remote_code=trust_remote_code)
     return model.eval(), tok
+
+
+def model_shape(model) -> dict[str, Any]:
+    """What the report's shape column and the JSON describe: family, depth, width, and the parameters
+    outside the token embedding table (most of a small student's parameters are that table)."""
+    table = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else getattr(model, "embed", None)
+    emb = table.weight.numel() if isinstance(table, torch.nn.Embedding) else 0
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "num_hidden_layers"):
+        shape = {"architecture": "transformer", "layers": config.num_hidden_layers, "hidden_size": config.hidden_size}
+    elif hasattr(model, "lstm"):
+        shape = {"architecture": "bilstm", "layers": 1, "hidden_size": model.lstm.hidden_size}
+    elif hasattr(model, "convs"):
+        shape = {"architecture": "cnn", "layers": 1, "hidden_size": sum(c.out_channels for c in model.convs)}
+    else:
+        shape = {"architecture": type(model).__name__, "layers": None, "hidden_size": None}
+    return {**shape, "params_without_embeddings": count_params(model) - emb}
 
 
 def disk_bytes(folder: str | Path) -> int:
@@ -92,8 +114,7 @@ def evaluate_classifiers(teacher: str, students: dict[str, str], rows: list[dict
     results: dict[str, dict[str, Any]] = {}
     for name, (model, tok) in models.items():
         results[name] = {"path": str(paths[name]), "params": count_params(model), "disk_bytes": disk_bytes(paths[name]),
-                         "accuracy": accuracy(model, tok, rows), "layers": model.config.num_hidden_layers,
-                         "hidden_size": model.config.hidden_size}
+                         "accuracy": accuracy(model, tok, rows), **model_shape(model)}
     for name, s in speed(models, [r["text"] for r in rows], rounds=rounds).items():
         results[name].update(s)
     return _relative_to_teacher(results, lambda r, t: r["accuracy"] / t["accuracy"])

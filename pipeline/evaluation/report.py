@@ -74,12 +74,25 @@ def plot_bars(models: dict[str, dict[str, Any]], path: Path, metric: str = "accu
     plt.close(fig)
 
 
+def _shape(m: dict[str, Any]) -> str:
+    arch = m.get("architecture", "transformer")
+    if arch == "bilstm":
+        return f"BiLSTM 2 × {m['hidden_size']}"
+    if arch == "cnn":
+        return f"CNN, {m['hidden_size']} filters"
+    return f"{m['layers']} × {m['hidden_size']}"
+
+
+def _millions(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 1e6:.2f}M"
+
+
 def _table(models: dict[str, dict[str, Any]], metric: str) -> str:
-    lines = [f"| model | layers × width | params | weights on disk | {metric} | kept | latency b1 (ms) | "
+    lines = [f"| model | shape | params | without embeddings | weights on disk | {metric} | kept | latency b1 (ms) | "
              "throughput b32 (inputs/s) | smaller | faster b1 | faster b32 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in models.items():
-        lines.append(f"| {name} | {m['layers']} × {m['hidden_size']} | {m['params'] / 1e6:.1f}M | "
+        lines.append(f"| {name} | {_shape(m)} | {m['params'] / 1e6:.2f}M | {_millions(m.get('params_without_embeddings'))} | "
                      f"{m['disk_bytes'] / 1e6:.1f} MB | {m[metric]:.4f} | {m['quality_retained']:.1%} | "
                      f"{m['latency_batch1_ms']:.1f} | {m['throughput_batch32']:.0f} | {m['size_ratio']:.2f}× | "
                      f"{m['speedup_batch1']:.2f}× | {m['speedup_batch32']:.2f}× |")

@@ -19,10 +19,10 @@ class TrainConfig:
         "student folder (save_pretrained layout, e.g. from `kdcache init-student`)"))
     out: str = field(default="", metadata=flag("run folder: student/, metrics.jsonl, tb/, ray/ (checkpoints)"))
     recipe: str = field(default="", metadata=flag(  # kept in the config for the record
-        "distilbert | tinybert-general | tinybert-task | lm (pipeline/student/recipes/NAME.yaml) or a YAML file"))
+        "distilbert | tinybert-general | tinybert-task | lm | bilstm | cnn (pipeline/student/recipes/NAME.yaml) or a YAML file"))
 
     # -- what to optimise: a preset of kdcache.pipeline.student.presets, then per-field overrides ------------------
-    loss: str = "distilbert"  # distilbert | tinybert-general | tinybert-task | lm
+    loss: str = "distilbert"  # distilbert | tinybert-general | tinybert-task | lm | tang
     preset_args: dict | None = None  # extra preset arguments, e.g. {stage: intermediate}, {kd: sampled}
     loss_weights: dict | None = None  # merged over the preset's weights; 0 disables a term
     temperature: float | None = field(default=None, metadata=flag("KD temperature (default: the recipe's)"))

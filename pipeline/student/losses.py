@@ -292,6 +292,14 @@ def soft_cross_entropy(
     return -(t * s).sum(-1).mean()
 
 
+def logit_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Tang et al. 2019's distillation loss: ||z_teacher − z_student||², summed over classes and
+    averaged over the rest (``[..., C]`` raw logits, no softmax, no temperature)."""
+    # fp16/bf16 logits are upcast (a sum of squares overflows/rounds in half precision); fp64 stays fp64
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    return (student_logits.to(dtype) - teacher_logits.to(dtype)).pow(2).sum(-1).mean()
+
+
 def hard_ce(
     student_logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
 ) -> torch.Tensor:

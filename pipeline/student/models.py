@@ -63,7 +63,7 @@ _ATTN_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout", "attn
 # --------------------------------------------------------------------------- #
 
 
-class _TeacherWeights:
+class TeacherWeights:
     """Name → tensor for a checkpoint folder, read on demand."""
 
     def __init__(self, folder: Path, allow_pickle: bool):
@@ -278,7 +278,7 @@ def init_student_from_teacher(
         and (num_heads is None or num_heads == heads_t)
         and (intermediate_size is None or intermediate_size == inter_t)
     )
-    weights = _TeacherWeights(teacher_dir, allow_pickle)  # also enforces the pickle rule early
+    weights = TeacherWeights(teacher_dir, allow_pickle)  # also enforces the pickle rule early
     overrides: dict[str, Any] = {}
     if copy_mode:
         chosen = _choose_layers(n_t, layers, num_layers)
@@ -341,7 +341,7 @@ def init_student_from_teacher(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     student.save_pretrained(str(out_dir))
-    tok_files = _copy_tokenizer(teacher_dir, out_dir, drop_token_types="type_vocab_size" in overrides)
+    tok_files = copy_tokenizer(teacher_dir, out_dir, drop_token_types="type_vocab_size" in overrides)
     if trust_remote_code:
         for f in teacher_dir.glob("*.py"):  # the auto_map in config.json points at these
             if not (out_dir / f.name).exists():
@@ -380,7 +380,7 @@ def init_student_from_teacher(
 
 
 @torch.no_grad()
-def _pca_embeddings(student: nn.Module, weights: _TeacherWeights, h_teacher: int) -> list[str]:
+def _pca_embeddings(student: nn.Module, weights: TeacherWeights, h_teacher: int) -> list[str]:
     """Teacher embedding tables times P, P = the top principal directions of the token embeddings.
 
     A narrow student cannot copy the teacher's tables, but most of what they hold survives a
@@ -401,15 +401,19 @@ def _pca_embeddings(student: nn.Module, weights: _TeacherWeights, h_teacher: int
     token_name = next((n for n, (p, _) in tables.items() if p is token_table), None)
     if token_name is None:
         raise ValueError("embedding_init='pca': the teacher's token embedding table was not found")
-    table = tables[token_name][1]
-    _, _, vh = torch.linalg.svd(table - table.mean(0), full_matrices=False)
-    proj = vh[:h_student].T  # (h_teacher, h_student)
+    proj = pca_projection(tables[token_name][1], h_student)
     for param, teacher_table in tables.values():
         param.copy_((teacher_table @ proj).to(param.dtype))
     return sorted(tables)
 
 
-def _copy_weights(student: nn.Module, weights: _TeacherWeights, chosen: list[int], n_teacher: int):
+def pca_projection(table: torch.Tensor, width: int) -> torch.Tensor:
+    """(h_teacher, width): the top `width` principal directions of an embedding table's rows."""
+    _, _, vh = torch.linalg.svd(table - table.mean(0), full_matrices=False)
+    return vh[:width].T
+
+
+def _copy_weights(student: nn.Module, weights: TeacherWeights, chosen: list[int], n_teacher: int):
     """Copy embeddings, chosen blocks, final norm and head into ``student`` in place."""
     raw_keys = weights.keys()
     by_name = {_legacy_name(k): k for k in raw_keys}
@@ -458,7 +462,7 @@ def _copy_weights(student: nn.Module, weights: _TeacherWeights, chosen: list[int
     return missing, sorted(dropped)
 
 
-def _copy_tokenizer(teacher_dir: Path, out_dir: Path, drop_token_types: bool) -> list[str]:
+def copy_tokenizer(teacher_dir: Path, out_dir: Path, drop_token_types: bool) -> list[str]:
     copied = []
     for pattern in TOKENIZER_COPY_PATTERNS:
         for f in sorted(teacher_dir.glob(pattern)):

@@ -12,7 +12,7 @@ from typing import Any, Callable
 from kdcache.pipeline.student.losses import uniform_layer_map
 from kdcache.pipeline.student.terms import LossSpec
 
-__all__ = ["PRESETS", "preset", "distilbert", "tinybert_general", "tinybert_task", "lm"]
+__all__ = ["PRESETS", "preset", "distilbert", "tinybert_general", "tinybert_task", "lm", "tang"]
 
 
 def distilbert(n_student: int = 6, n_teacher: int = 12, kd_tail: str = "bucket") -> LossSpec:
@@ -84,11 +84,27 @@ def lm(
     )
 
 
+def tang(alpha: float = 0.0, distill: str = "mse", temperature: float = 1.0) -> LossSpec:
+    """Tang et al. 2019 (BiLSTM/CNN students): α·CE on the gold label + (1 − α)·distillation.
+
+    ``distill="mse"``: MSE between student and teacher logits (the paper's choice); ``"kl"``: soft
+    cross-entropy at ``temperature`` (KL up to a constant). Rows without a gold label (augmented
+    copies, label −100) add nothing to the CE term, so they train on the teacher's logits alone.
+    """
+    if distill not in ("mse", "kl"):
+        raise ValueError(f"distill must be 'mse' or 'kl', got {distill!r}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    return LossSpec(weights={"ce": alpha, "logit_mse" if distill == "mse" else "pred": 1.0 - alpha},
+                    temperature=temperature)
+
+
 PRESETS: dict[str, Callable[..., LossSpec]] = {
     "distilbert": distilbert,
     "tinybert-general": tinybert_general,
     "tinybert-task": tinybert_task,
     "lm": lm,
+    "tang": tang,
 }
 
 

@@ -26,6 +26,7 @@ from kdcache.pipeline.student.losses import (
     cosine_hidden_loss,
     hard_ce,
     hidden_mse_loss,
+    logit_mse,
     mlm_loss,
     sampled_kd_loss,
     soft_cross_entropy,
@@ -350,6 +351,14 @@ class Prediction(_Classifier):
 
     def compute(self, spec, outputs, batch, mask, proj):
         return soft_cross_entropy(_out(outputs, "logits"), batch["task_logits"], spec.temperature)
+
+
+@register
+class LogitMSE(Prediction):
+    name, about = "logit_mse", "logit_mse(student logits, cached task_logits): Tang et al.'s logit regression"
+
+    def compute(self, spec, outputs, batch, mask, proj):
+        return logit_mse(_out(outputs, "logits"), batch["task_logits"])
 
 
 @register

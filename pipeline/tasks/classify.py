@@ -24,7 +24,8 @@ def predict_logits(model, tok, texts: list[str], batch_size: int = 64, max_lengt
 
 def _drops_token_types(model) -> bool:
     # A DistilBERT-style student keeps only row 0 of the token-type table (what no ids means).
-    return getattr(model.config, "type_vocab_size", 2) == 1
+    # BiLSTM/CNN students have no config object and ignore token types.
+    return getattr(getattr(model, "config", None), "type_vocab_size", 2) == 1
 
 
 def encode_texts(tok, model, texts: list[str], max_length: int) -> dict:

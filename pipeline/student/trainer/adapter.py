@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from kdcache.pipeline.common.hf import import_user_object
 from kdcache.pipeline.student.config import TrainConfig
+from kdcache.pipeline.student.small import describe_small_student, is_small_student, load_small_student
 
 
 @dataclass
@@ -53,6 +54,8 @@ def build_student(cfg: TrainConfig, needs_hidden: bool, needs_attentions: bool) 
     """The student module in train mode; a factory's module must follow `HFStudent.forward`."""
     if cfg.student_factory:
         return import_user_object(cfg.student_factory)(dataclasses.asdict(cfg)).train()
+    if is_small_student(cfg.student):  # BiLSTM / CNN: logits only, no hidden states to give
+        return load_small_student(cfg.student).train()
     from transformers.utils import logging as hf_logging
 
     from kdcache.pipeline.student.models import load_student
@@ -70,6 +73,8 @@ def describe_student(cfg: TrainConfig) -> dict[str, Any]:
         get = lambda k: getattr(module, k, None)  # noqa: E731
         return {k: get(k) for k in ("num_layers", "hidden_size", "num_heads", "vocab_size", "max_positions",
                                     "num_labels")} | {"architecture": type(module).__name__, "meta": {}}
+    if is_small_student(cfg.student):
+        return describe_small_student(cfg.student)
     from transformers import AutoConfig
 
     from kdcache.pipeline.student.models import read_student_meta

@@ -77,7 +77,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     if rank != 0:
         return {}
     summary = _finish(cfg, plan, c, Path(cfg.out), pos.step, resumed_from, sink.last, sink.timings)
-    summary.update(loop_started_at=loop_started, first_batch_at=first_batch_at,
+    summary.update(workers=world, loop_started_at=loop_started, first_batch_at=first_batch_at,
                    malloc_tuned=device.type == "cpu" and allocator.tuned())
     (Path(cfg.out) / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     return summary

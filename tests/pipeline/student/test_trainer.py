@@ -306,27 +306,6 @@ def test_cli_validate_and_overrides(setup, capsys, tmp_path):
 # --------------------------------------------------------------------------------------------- #
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import os
-
-    import ray
-
-    # The Ray Train controller polls its workers every 2 s by default: each fit would idle ~2 s at its
-    # end and before noticing a failure. Read by the controller, so set before the cluster starts.
-    saved = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.25"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        if saved is None:
-            os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)
-        else:
-            os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = saved
-
-
 def _ray_cfg(setup, out: str, **extra):
     rows = [sum(s.rows for s in assign_shards(CacheReader(str(setup / "cache")).shards, r, 2)) for r in range(2)]
     steps = max(math.ceil(n / BATCH) for n in rows) + 1  # every rank finishes epoch 0, the smaller one wraps

@@ -1,0 +1,259 @@
+"""Small non-transformer students for task distillation: Tang et al.'s BiLSTM and Kim's CNN.
+
+Both read the teacher's token ids (so one cache serves every student) and return per-example
+logits, `forward(input_ids, attention_mask) -> .logits [B, C]`, like a sequence classifier; the
+trainer, `kdcache eval` and a user's own code call them the same way. They save and load the
+Hugging Face way for custom models (`PyTorchModelHubMixin`): `config.json` holds the constructor's
+arguments, `model.safetensors` the weights, and the teacher's tokenizer files travel beside them,
+so `load_small_student(folder)` (or `BiLSTMClassifier.from_pretrained(folder)`) is the one call.
+
+Padding never changes a logit: the BiLSTM packs each row to its real length, and the CNN zeroes
+the embeddings of padding and drops every window that holds no real token, so a padded batch
+gives the logits of one-by-one inference (tests/pipeline/student/test_small.py). Real tokens are
+taken wherever the mask says, so left and right padding both work.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from huggingface_hub import PyTorchModelHubMixin
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+__all__ = ["BiLSTMClassifier", "CNNClassifier", "SMALL_STUDENTS", "is_small_student", "load_small_student",
+           "init_small_student", "describe_small_student"]
+
+_CARD = {"library_name": "kdcache", "tags": ["knowledge-distillation", "kdcache"]}
+
+
+def _compact(input_ids: torch.Tensor, mask: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real tokens moved to the front of each row (stable), pads after them; and the lengths."""
+    mask = mask.bool()
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
+    ids = torch.gather(input_ids, 1, order)
+    lengths = mask.sum(1)
+    keep = torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]
+    return torch.where(keep, ids, torch.full_like(ids, pad_id)), lengths
+
+
+def _segments(ids: torch.Tensor, lengths: torch.Tensor, sep_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pair inputs (`[CLS] a [SEP] b [SEP]`): a per-token segment index, 0 up to and including the
+    first separator, 1 after it; tokens past the length get -1."""
+    t = torch.arange(ids.shape[1], device=ids.device)[None, :]
+    is_sep = (ids == sep_id) & (t < lengths[:, None])
+    first = torch.where(is_sep.any(1), is_sep.int().argmax(1), lengths)
+    seg = (t > first[:, None]).long()
+    return torch.where(t < lengths[:, None], seg, torch.full_like(seg, -1))
+
+
+class BiLSTMClassifier(nn.Module, PyTorchModelHubMixin, **_CARD):
+    """Tang et al. 2019: embedding → 1-layer BiLSTM → [final fwd; final bwd] (or max over time) →
+    ReLU dense → logits. `pair=True`: both sentences encoded by the same BiLSTM, then
+    [h1, h2, h1⊙h2, |h1−h2|] (the sentence-pair variant), split at the first `sep_token_id`."""
+
+    def __init__(self, vocab_size: int, num_labels: int = 2, embedding_size: int = 300, hidden: int = 300,
+                 dense: int = 400, pooling: str = "final", pair: bool = False, dropout: float = 0.1,
+                 pad_token_id: int = 0, sep_token_id: int | None = None, architecture: str = "bilstm"):
+        super().__init__()
+        if architecture != "bilstm":
+            raise ValueError(f"BiLSTMClassifier got architecture={architecture!r}")
+        if pooling not in ("final", "max"):
+            raise ValueError(f"pooling must be 'final' or 'max', got {pooling!r}")
+        if pair and sep_token_id is None:
+            raise ValueError("pair=True needs sep_token_id (the tokenizer's separator) to split the two sentences")
+        self.vocab_size, self.num_labels, self.pooling, self.pair = vocab_size, num_labels, pooling, pair
+        self.pad_token_id, self.sep_token_id = pad_token_id, sep_token_id
+        self.embed = nn.Embedding(vocab_size, embedding_size, padding_idx=pad_token_id)
+        self.lstm = nn.LSTM(embedding_size, hidden, num_layers=1, batch_first=True, bidirectional=True)
+        feat = 2 * hidden * (4 if pair else 1)
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(feat, dense), nn.ReLU(), nn.Dropout(dropout),
+                                  nn.Linear(dense, num_labels))
+
+    def _encode(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """[B, 2H] sentence vectors of rows whose real tokens are at the front; an empty row (a pair
+        input without a second sentence) encodes as zeros."""
+        packed = nn.utils.rnn.pack_padded_sequence(self.embed(ids), lengths.clamp(min=1).cpu(), batch_first=True,
+                                                   enforce_sorted=False)
+        out, (h, _) = self.lstm(packed)
+        if self.pooling == "final":
+            vec = torch.cat([h[0], h[1]], dim=-1)
+        else:
+            out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, padding_value=float("-inf"),
+                                                      total_length=ids.shape[1])
+            vec = out.max(dim=1).values
+        return vec * (lengths > 0)[:, None]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                **_: Any) -> SequenceClassifierOutput:
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        ids, lengths = _compact(input_ids, mask, self.pad_token_id)
+        if not self.pair:
+            return SequenceClassifierOutput(logits=self.head(self._encode(ids, lengths)))
+        seg = _segments(ids, lengths, self.sep_token_id)
+        halves = [_compact(ids, seg == s, self.pad_token_id) for s in (0, 1)]
+        h1, h2 = (self._encode(i, n) for i, n in halves)
+        return SequenceClassifierOutput(logits=self.head(torch.cat([h1, h2, h1 * h2, (h1 - h2).abs()], dim=-1)))
+
+
+class CNNClassifier(nn.Module, PyTorchModelHubMixin, **_CARD):
+    """Kim 2014: embedding → parallel 1-D convolutions (widths 3/4/5, 100 filters each) → ReLU →
+    max over time → dropout → logits."""
+
+    def __init__(self, vocab_size: int, num_labels: int = 2, embedding_size: int = 300, filters: int = 100,
+                 kernel_sizes: list[int] | tuple[int, ...] = (3, 4, 5), dropout: float = 0.5, pad_token_id: int = 0,
+                 architecture: str = "cnn"):
+        super().__init__()
+        if architecture != "cnn":
+            raise ValueError(f"CNNClassifier got architecture={architecture!r}")
+        if not kernel_sizes or min(kernel_sizes) < 1:
+            raise ValueError(f"kernel_sizes must be positive widths, got {kernel_sizes!r}")
+        self.vocab_size, self.num_labels, self.pad_token_id = vocab_size, num_labels, pad_token_id
+        self.kernel_sizes = [int(k) for k in kernel_sizes]
+        self.embed = nn.Embedding(vocab_size, embedding_size, padding_idx=pad_token_id)
+        # Full convolution (zero padding w-1 each side): every window that touches a real token exists,
+        # also for texts shorter than the widest kernel.
+        self.convs = nn.ModuleList(nn.Conv1d(embedding_size, filters, k, padding=k - 1) for k in self.kernel_sizes)
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(filters * len(self.kernel_sizes), num_labels)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                **_: Any) -> SequenceClassifierOutput:
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        ids, lengths = _compact(input_ids, mask, self.pad_token_id)
+        real = torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]
+        x = (self.embed(ids) * real[..., None]).transpose(1, 2)  # [B, E, T], pads are zeros
+        pooled = []
+        for k, conv in zip(self.kernel_sizes, self.convs):
+            y = torch.relu(conv(x))  # [B, F, T + k - 1]; window j covers tokens j-k+1 .. j
+            j = torch.arange(y.shape[-1], device=y.device)[None, :]
+            touches = j < (lengths[:, None].clamp(min=1) + k - 1)  # starts at or before the last real token
+            pooled.append(y.masked_fill(~touches[:, None, :], float("-inf")).max(dim=-1).values)
+        return SequenceClassifierOutput(logits=self.out(self.dropout(torch.cat(pooled, dim=-1))))
+
+
+SMALL_STUDENTS: dict[str, type[nn.Module]] = {"bilstm": BiLSTMClassifier, "cnn": CNNClassifier}
+
+
+def _small_config(folder: str | Path) -> dict[str, Any] | None:
+    f = Path(folder) / "config.json"
+    if not f.is_file():
+        return None
+    try:
+        config = json.loads(f.read_text())
+    except ValueError:
+        return None
+    return config if isinstance(config, dict) and config.get("architecture") in SMALL_STUDENTS else None
+
+
+def is_small_student(folder: str | Path) -> bool:
+    """True for a folder written by `init_small_student` / a trained BiLSTM or CNN student."""
+    return _small_config(folder) is not None
+
+
+def load_small_student(folder: str | Path) -> nn.Module:
+    """The student in `folder`, in eval mode (weights from safetensors, strict)."""
+    from safetensors.torch import load_model
+
+    config = _small_config(folder)
+    if config is None:
+        raise ValueError(f"{folder} holds no kdcache BiLSTM/CNN student (config.json with architecture "
+                         f"{' | '.join(SMALL_STUDENTS)}); make one with `kdcache init-student --architecture bilstm`")
+    model = SMALL_STUDENTS[config["architecture"]](**config)
+    load_model(model, str(Path(folder) / "model.safetensors"), strict=True)
+    return model.eval()
+
+
+def describe_small_student(folder: str | Path) -> dict[str, Any]:
+    """The sizes the trainer's plan checks (the `describe_student` keys)."""
+    config = _small_config(folder) or {}
+    return {"num_layers": 1, "hidden_size": None, "num_heads": None, "vocab_size": config.get("vocab_size"),
+            "max_positions": None, "num_labels": config.get("num_labels"), "architecture": config.get("architecture"),
+            "meta": {}}
+
+
+def param_counts(model: nn.Module) -> dict[str, int]:
+    """All parameters, and those outside the embedding table (the report gives both)."""
+    total = sum(p.numel() for p in model.parameters())
+    embed = getattr(model, "embed", None)
+    table = embed.weight.numel() if isinstance(embed, nn.Embedding) else 0
+    return {"params": total, "params_without_embeddings": total - table}
+
+
+def init_small_student(teacher_dir: str | Path, out_dir: str | Path, architecture: str, *,
+                       num_labels: int | None = None, embedding_size: int | None = None,
+                       embedding_init: str = "teacher", seed: int = 0, allow_pickle: bool = False,
+                       **shape: Any) -> dict[str, Any]:
+    """Write a BiLSTM/CNN student for `teacher_dir`'s tokenizer; never runs the teacher.
+
+    `embedding_init="teacher"`: the token table is the teacher's input embeddings, projected onto
+    their top principal directions when `embedding_size` is narrower (the default is the teacher's
+    width: a plain copy); `"random"`: drawn under `seed`. `shape`: the class's other arguments
+    (`hidden`, `dense`, `pooling`, `pair` / `filters`, `kernel_sizes`, `dropout`).
+    """
+    from kdcache.pipeline.student.models import TeacherWeights, copy_tokenizer, pca_projection
+
+    if architecture not in SMALL_STUDENTS:
+        raise ValueError(f"--architecture {architecture!r}: small students are {', '.join(SMALL_STUDENTS)}")
+    if embedding_init not in ("teacher", "random"):
+        raise ValueError(f"embedding_init must be 'teacher' or 'random', got {embedding_init!r}")
+    teacher_dir, out_dir = Path(teacher_dir), Path(out_dir)
+    tconf_path = teacher_dir / "config.json"
+    if not tconf_path.is_file():
+        raise FileNotFoundError(f"teacher {teacher_dir} has no config.json (a save_pretrained folder is expected)")
+    tconf = json.loads(tconf_path.read_text())
+    vocab, width = int(tconf["vocab_size"]), int(tconf.get("hidden_size") or tconf.get("dim") or 0)
+    if num_labels is None:
+        num_labels = len(tconf.get("id2label") or {}) or 2
+    embedding_size = int(embedding_size or width or 300)
+    cls = SMALL_STUDENTS[architecture]
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "architecture"}
+    unknown = sorted(k for k, v in shape.items() if v is not None and k not in accepted)
+    if unknown:
+        flags = lambda names: ", ".join(f"--{n.replace('_', '-')}" for n in names)  # noqa: E731
+        raise ValueError(f"{architecture} students take no {flags(unknown)} (they take "
+                         f"{flags(sorted(accepted - {'vocab_size', 'pad_token_id', 'sep_token_id'}))})")
+    kwargs: dict[str, Any] = {"vocab_size": vocab, "num_labels": int(num_labels), "embedding_size": embedding_size,
+                              "pad_token_id": int(tconf.get("pad_token_id") or 0),
+                              **{k: v for k, v in shape.items() if v is not None}}
+    if architecture == "bilstm" and kwargs.get("pair") and kwargs.get("sep_token_id") is None:
+        kwargs["sep_token_id"] = int(tconf.get("sep_token_id") or tconf.get("eos_token_id") or 102)
+    torch.manual_seed(seed)
+    model = cls(**kwargs)
+    source = "random"
+    if embedding_init == "teacher":
+        weights = TeacherWeights(teacher_dir, allow_pickle)
+        key = next((k for k in weights.keys() if k.endswith(("word_embeddings.weight", "embed_tokens.weight",
+                                                             "wte.weight"))), None)
+        if key is None:
+            raise ValueError(f"embedding_init='teacher': no token embedding table found in {teacher_dir}'s weights; "
+                             "use --embedding-init random")
+        table = weights.get(key).float()
+        if table.shape[0] != vocab:
+            raise ValueError(f"{teacher_dir}: {key} has {table.shape[0]} rows, the config says {vocab} tokens")
+        if embedding_size > table.shape[1]:
+            raise ValueError(f"--embedding-size {embedding_size} is wider than the teacher's embeddings "
+                             f"({table.shape[1]}): use at most {table.shape[1]} or --embedding-init random")
+        if embedding_size < table.shape[1]:
+            table = table @ pca_projection(table, embedding_size)
+            source = f"teacher {key}, PCA {weights.get(key).shape[1]} -> {embedding_size}"
+        else:
+            source = f"teacher {key}, copied"
+        with torch.no_grad():
+            model.embed.weight.copy_(table)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(str(tmp))
+    copy_tokenizer(teacher_dir, tmp, drop_token_types=False)
+    record = {"architecture": architecture, "teacher": str(teacher_dir), "seed": seed, "embedding_init": source,
+              **kwargs, **param_counts(model)}
+    (tmp / "kdcache_student.json").write_text(json.dumps(record, indent=2) + "\n")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.replace(out_dir)
+    return record
