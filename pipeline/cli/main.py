@@ -122,6 +122,27 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_augment(args) -> int:
+    from kdcache.pipeline.common.jsonout import read_jsonl
+    from kdcache.pipeline.tasks.augment import write_transfer_set
+
+    mask = args.mask_token
+    if mask is None and args.teacher:
+        from transformers import AutoTokenizer
+
+        mask = AutoTokenizer.from_pretrained(args.teacher).mask_token
+    stats = write_transfer_set(read_jsonl(args.input), Path(args.out), shuffle=not args.no_shuffle,
+                               n_iter=args.n_iter, p_mask=args.p_mask, p_pos=args.p_pos, p_ng=args.p_ng,
+                               max_ngram=args.max_ngram, seed=args.seed, mask_token=mask or "[MASK]",
+                               text_field=args.text_field, label_field=args.label_field, replacer=args.replacer)
+    print(f"transfer set {args.out}: {stats['originals']:,} originals + {stats['augmented']:,} augmented copies "
+          f"({stats['duplicates_dropped']:,} duplicates dropped; same-tag replacement: {stats['replacer']}); "
+          f"cache it with: kdcache cache --mode examples --label-field {args.label_field} --corpus {args.out} ...")
+    if args.json:
+        print_json(stats)
+    return 0
+
+
 def _named_paths(items: list[str] | None, default_prefix: str) -> dict[str, str]:
     """`NAME=PATH` or `PATH` (named by position) -> {name: path}."""
     out: dict[str, str] = {}
@@ -225,6 +246,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rounds", type=int, default=5, help="alternating timing rounds per model")
     s.add_argument("--json", action="store_true", help="print the evaluation as one JSON object (last line)")
     s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("augment", help="Tang et al.'s transfer set: a labelled JSONL plus masked / replaced / "
+                                       "n-gram copies of each text (augmented rows get label -100)")
+    s.add_argument("--input", required=True, help="JSONL with a text and a label field (the training split)")
+    s.add_argument("--out", required=True, help="JSONL to write (stats beside it: OUT stem + .stats.json)")
+    s.add_argument("--n-iter", type=int, default=20, help="augmented copies tried per text (duplicates dropped)")
+    s.add_argument("--p-mask", type=float, default=0.1, help="per word: replace by the mask token")
+    s.add_argument("--p-pos", type=float, default=0.1, help="per word: replace by a same-tag word (see --replacer)")
+    s.add_argument("--p-ng", type=float, default=0.25, help="per copy: keep only a random n-gram")
+    s.add_argument("--max-ngram", type=int, default=5, help="n-grams of 1..N words")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--teacher", default=None, help="take the mask token from this teacher's tokenizer")
+    s.add_argument("--mask-token", default=None, help="the mask token (default: the teacher's, else [MASK])")
+    s.add_argument("--text-field", default="text")
+    s.add_argument("--label-field", default="label")
+    s.add_argument("--replacer", choices=("auto", "frequency-band", "none"), default="auto",
+                   help="same-tag replacement: no tagger installs offline, so auto = frequency-band (a word "
+                        "from the same band of corpus frequency)")
+    s.add_argument("--no-shuffle", action="store_true", help="keep originals first, copies after (default: "
+                                                             "seeded shuffle, so shards mix them)")
+    s.add_argument("--json", action="store_true", help="print the stats as one JSON object (last line)")
+    s.set_defaults(func=cmd_augment)
 
     bench = sub.add_parser("bench", help="benchmarks that print measured figures")
     bsub = bench.add_subparsers(dest="bench", metavar="BENCH")

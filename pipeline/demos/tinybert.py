@@ -9,7 +9,11 @@
    mapped hidden/attention layers for the intermediate stage, and over the training split plus
    augmented copies for its prediction logits; the general student is trained on the intermediate
    losses, then on the logits. A baseline of the same shape is fine-tuned on the gold labels only.
-3. `kdcache eval`: accuracy on the held-out test split, size, CPU latency/throughput, report + plots.
+3. Low-resource students (`demos/small_students.py`, Tang et al. 2019): the task teacher scores Tang's
+   augmented transfer set in one logits-only pass; BiLSTM and CNN students (3 seeds in the default
+   profile) train from that cache, each beside a no-KD baseline, plus two ablations.
+4. `kdcache eval`: accuracy on the held-out test split, size, CPU latency/throughput, report + plots;
+   `students` in the JSON gathers every student's figures and targets.
 
 Every stage is resumable: caches skip committed shards, runs resume from their checkpoints, the
 fine-tuned teacher is reused; a second run of the same command does no teacher inference.
@@ -28,12 +32,15 @@ PROFILES: dict[str, dict[str, Any]] = {
         # task stage: split sizes kept (0 = all), augmented copies of each training text, steps
         "task": {"train": 800, "dev": 200, "test": 400, "augment": 1, "finetune_epochs": 2, "finetune_lr": 1e-4,
                  "intermediate_steps": 25, "pred_steps": 50, "batch_size": 32},
+        # BiLSTM/CNN students (demos/small_students.py): Tang copies per text, seeds, steps, ablations
+        "small": {"n_iter": 4, "seeds": 1, "steps": 150, "batch_size": 64, "ablations": False},
         "eval_rounds": 2,
     },
     "default": {
         "general": {"sequences": 2048, "steps": 400, "batch_size": 32},
         "task": {"train": 0, "dev": 0, "test": 0, "augment": 2, "finetune_epochs": 1, "finetune_lr": 1e-4,
                  "intermediate_steps": 300, "pred_steps": 1500, "batch_size": 32},
+        "small": {"n_iter": 10, "seeds": 3, "steps": 1000, "batch_size": 64, "ablations": True},
         "eval_rounds": 5,
     },
 }
@@ -80,6 +87,11 @@ def _train(log, recipe: str, **flags) -> Path:
 
     overrides = flags.pop("overrides", None)
     cfg = load_train_config(recipe, flags={"workers": 1, "checkpoint_every": 100, **flags}, overrides=overrides)
+    done = Path(cfg.out) / "summary.json"
+    if done.exists() and json.loads(done.read_text()).get("steps") == cfg.steps and (Path(cfg.out) / "student").is_dir():
+        # A finished run: skip Ray Train's start-up (~25 s) rather than start it to find nothing to do.
+        log(f"   {Path(cfg.out).name}: finished earlier ({cfg.steps} steps), reused")
+        return Path(cfg.out) / "student"
     train(cfg, log=log)
     return Path(flags["out"]) / "student"
 
@@ -102,11 +114,13 @@ def _run_demo(quick: bool, out: str | None, log=print) -> dict[str, Any]:
     from kdcache.pipeline.student.models import init_student_from_teacher, with_classification_head
     from kdcache.pipeline.tasks.data import augment, prepare_rotten_tomatoes
     from kdcache.pipeline.common.jsonout import read_jsonl, write_jsonl
+    from kdcache.pipeline.demos import small_students
+    from kdcache.pipeline.evaluation.report import check_targets, write_report
     from kdcache.storage import CacheReader
 
     name = "quick" if quick else "default"
     profile = PROFILES[name]
-    g, t = profile["general"], profile["task"]
+    g, t, sm = profile["general"], profile["task"], profile["small"]
     root = Path(out or ("runs/demo-quick" if quick else "runs/demo")).resolve()
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -122,21 +136,21 @@ def _run_demo(quick: bool, out: str | None, log=print) -> dict[str, Any]:
     started_ray = init_ray(None)
     forward_calls = 0
     try:
-        stage("1/7 general distillation, teacher pass: all-MiniLM-L6-v2 over Wikipedia lead extracts")
+        stage("1/8 general distillation, teacher pass: all-MiniLM-L6-v2 over Wikipedia lead extracts")
         cache_general = root / "cache-general"
         forward_calls += _cache(
             log, teacher=str(teacher), corpus=[str(assets.wiki_extracts_json())], text_field="extract",
             out=str(cache_general), mode="pack", max_length=128, top_k=0, hidden_layers="0,2,4,6",
             attention_layers="2,4,6", attention_dtype="uint8", max_sequences=g["sequences"])["forward_calls"]
 
-        stage("2/7 general distillation from the cache (Ray Train): embedding + hidden + attention losses")
+        stage("2/8 general distillation from the cache (Ray Train): embedding + hidden + attention losses")
         student_init = root / "student-init"
         if not (student_init / "config.json").exists():
             init_student_from_teacher(str(teacher), str(student_init), seed=0, **STUDENT_SHAPE)
         general = _train(log, "tinybert-general", cache=str(cache_general), student=str(student_init),
                          out=str(root / "general"), steps=g["steps"], batch_size=g["batch_size"], lr=5e-4)
 
-        stage("3/7 task teacher: fine-tune all-MiniLM-L6-v2 on Rotten Tomatoes (fixed split)")
+        stage("3/8 task teacher: fine-tune all-MiniLM-L6-v2 on Rotten Tomatoes (fixed split)")
         limits = {"train": t["train"], "dev": t["dev"], "test": t["test"]}
         splits = prepare_rotten_tomatoes(root / "data", limits)
         train_rows = read_jsonl(splits["train"])
@@ -144,7 +158,8 @@ def _run_demo(quick: bool, out: str | None, log=print) -> dict[str, Any]:
         ft = finetune_classifier(teacher, train_rows, read_jsonl(splits["dev"]), task_teacher,
                                  epochs=t["finetune_epochs"], lr=t["finetune_lr"], max_length=MAX_LENGTH_TASK, log=log)
 
-        stage("4/7 task teacher pass: hidden/attention on the training split, logits on it + augmented copies")
+        stage("4/8 task teacher passes: hidden/attention on the training split, logits on it + augmented copies, "
+              "logits on Tang's transfer set")
         augmented = root / "data" / f"{splits['train'].stem}-aug{t['augment']}.jsonl"
         if not augmented.exists():
             write_jsonl(augmented, augment(train_rows, t["augment"], seed=0))
@@ -155,38 +170,55 @@ def _run_demo(quick: bool, out: str | None, log=print) -> dict[str, Any]:
                                 attention_layers="2,4,6", attention_dtype="uint8", **common)["forward_calls"]
         cache_logits = root / "cache-task-logits"
         forward_calls += _cache(log, corpus=[str(augmented)], out=str(cache_logits), **common)["forward_calls"]
+        transfer = root / "data" / f"{splits['train'].stem}-tang{sm['n_iter']}.jsonl"
+        augmentation = small_students.transfer_set(train_rows, transfer, sm["n_iter"], seed=0)
+        cache_transfer = root / "cache-task-transfer"
+        forward_calls += _cache(log, corpus=[str(transfer)], out=str(cache_transfer), **common)["forward_calls"]
 
-        stage("5/7 task distillation, intermediate layers (the general student + a classification head)")
+        stage("5/8 task distillation, intermediate layers (the general student + a classification head)")
         task_init = with_classification_head(general, root / "student-task-init", num_labels=2)
         inter = _train(log, "tinybert-task", cache=str(cache_inter), student=str(task_init),
                        out=str(root / "task-intermediate"), steps=t["intermediate_steps"], batch_size=t["batch_size"],
                        lr=5e-4, overrides=["preset_args.stage=intermediate"])
 
-        stage("6/7 task distillation, prediction layer (teacher logits on the augmented training set)")
+        stage("6/8 task distillation, prediction layer (teacher logits on the augmented training set)")
         student = _train(log, "tinybert-task", cache=str(cache_logits), student=str(inter),
                          out=str(root / "task-pred"), steps=t["pred_steps"], batch_size=t["batch_size"], lr=5e-4,
                          shuffle=True)
 
-        stage("6b/7 baseline: the same shape, same init, fine-tuned on the gold labels without distillation")
+        stage("6b/8 baseline: the same shape, same init, fine-tuned on the gold labels without distillation")
         base_init = with_classification_head(student_init, root / "baseline-init", num_labels=2)
         baseline = _train(log, "tinybert-task", cache=str(cache_inter), student=str(base_init),
                           out=str(root / "baseline"), steps=t["intermediate_steps"] + t["pred_steps"],
                           batch_size=t["batch_size"], lr=5e-4, shuffle=True,
                           overrides=["loss_weights.pred=0", "loss_weights.ce=1"])
+
+        stage("7/8 low-resource students: BiLSTM and CNN from the transfer-set cache, each with a no-KD baseline")
+        small = small_students.train_small_students(root, task_teacher, cache_transfer, cache_inter, sm, _train, log)
     finally:
         if started_ray:
             import ray
 
             ray.shutdown()
 
-    stage("7/7 evaluation on the held-out test split (kdcache eval)")
+    stage("8/8 evaluation on the held-out test split (kdcache eval)")
     runs = {"general": root / "general", "task intermediate": root / "task-intermediate",
             "task pred": root / "task-pred", "baseline (no KD)": root / "baseline"}
     # The quick profile evaluates on the first examples of the same fixed test split.
     task = "rotten-tomatoes" if not limits["test"] else str(splits["test"])
-    flat = run_eval(str(task_teacher), {"student": str(student)}, task, root / "report", baseline=str(baseline),
-                    runs={k: str(v) for k, v in runs.items()}, data_dir=root / "data", targets=TARGETS,
-                    rounds=profile["eval_rounds"], log=log)
+    timed = {name: str(small[name][0]) for arch in small_students.SHAPES for name in (arch, f"{arch} baseline (no KD)")}
+    flat = run_eval(str(task_teacher), {"student": str(student), **timed}, task, root / "report",
+                    baseline=str(baseline), runs={k: str(v) for k, v in runs.items()}, data_dir=root / "data",
+                    targets=TARGETS, rounds=profile["eval_rounds"], log=log)
+    from kdcache.pipeline.evaluation.evaluate import task_rows
+
+    students, section = small_students.summarize(flat["models"], small, task_rows(task, root / "data"), augmentation)
+    write_report(root / "report", flat, {k: str(v) for k, v in runs.items()}, targets=TARGETS, extra=section)
+    students = {"tinybert": {"params": flat["student_params"], "speedup_batch1": flat["speedup_batch1"],
+                             "speedup_batch32": flat["speedup_batch32"], "quality_retained": flat["quality_retained"],
+                             "baseline_quality_retained": flat["baseline_quality_retained"],
+                             "targets_met": {name: ok for name, ok, _ in check_targets(flat, TARGETS)}},
+                **students}
     general_reader = CacheReader(str(cache_general), verify="off")
     report = {
         **{k: v for k, v in flat.items() if k != "models"},
@@ -195,6 +227,8 @@ def _run_demo(quick: bool, out: str | None, log=print) -> dict[str, Any]:
         "general_student_params": _params(general),
         "cache_general_tokens": general_reader.manifest.tokens, "cache_general_bytes": general_reader.manifest.bytes,
         "teacher_pass_forward_calls": forward_calls,
+        "augmentation": augmentation,
+        "students": students,
         "models": flat["models"],
         "seconds": time.perf_counter() - t0,
     }

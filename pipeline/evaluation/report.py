@@ -130,11 +130,11 @@ def write_report(out: Path, flat: dict[str, Any], runs: dict[str, str], targets:
         parts += ["## Targets", "", "| target | met | measured |", "|---|---|---|"]
         parts += [f"| {t} | {'yes' if ok else '**no**'} | {v} |" for t, ok, v in check_targets(flat, targets)]
         parts.append("")
+    if extra:  # before the plots: the terminal shows the report up to "## Plots"
+        parts += [extra, ""]
     parts += ["## Plots", "", "![size, speed and quality](size_speed_quality.png)", ""]
     if plotted:
         parts += [f"Training curves ({', '.join(plotted)}):", "", "![training curves](training_curves.png)", ""]
-    if extra:
-        parts += [extra, ""]
     path = out / "report.md"
     path.write_text("\n".join(parts))
     return path

@@ -18,7 +18,7 @@ def test_demo_quick_runs_both_stages_evaluates_and_reuses_its_work(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "kdcache.pipeline.cli.main", "demo", "--quick", "--out", str(out), "--json"]
-    first = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=1500)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     report = json.loads(first.stdout.strip().splitlines()[-1])
     # The evaluation JSON: every key scripts rely on, measured on the held-out test split.
@@ -28,8 +28,24 @@ def test_demo_quick_runs_both_stages_evaluates_and_reuses_its_work(tmp_path):
     assert report["teacher_params"] > 2 * report["student_params"]
     assert report["test_examples"] == 400 and report["teacher_pass_forward_calls"] > 0
     models = report["models"]
-    assert set(models) == {"teacher", "student", "baseline"}
+    assert set(models) == {"teacher", "student", "baseline", "bilstm", "bilstm baseline (no KD)", "cnn",
+                           "cnn baseline (no KD)"}
     assert models["student"]["params"] == models["baseline"]["params"]  # same shape
+    # The seed's table from one teacher pass: every student keyed, with the same figures.
+    students = report["students"]
+    assert set(students) == {"tinybert", "bilstm", "cnn"}
+    for name, s in students.items():
+        for key in ("params", "speedup_batch1", "speedup_batch32", "quality_retained", "baseline_quality_retained"):
+            assert isinstance(s[key], (int, float)), (name, key)
+        assert s["targets_met"] and all(isinstance(v, bool) for v in s["targets_met"].values())
+    for arch in ("bilstm", "cnn"):
+        assert students[arch]["params"] == models[arch]["params"] > models[arch]["params_without_embeddings"]
+        assert models[arch]["architecture"] == arch and students[arch]["speedup_batch32"] > 1
+    aug = report["augmentation"]
+    assert aug["replacer"] == "frequency-band" and aug["originals"] == 800 and aug["augmented"] > 800
+    rows = [json.loads(x) for x in (out / "small" / "cnn-seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 150 and set(json.loads((out / "small" / "cnn-baseline-seed0" / "summary.json").read_text())
+                                    ["loss_weights"]) == {"ce"}
     for run, steps in (("general", 40), ("task-intermediate", 25), ("task-pred", 50), ("baseline", 75)):
         rows = [json.loads(x) for x in (out / run / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == list(range(1, steps + 1)), run
@@ -38,6 +54,7 @@ def test_demo_quick_runs_both_stages_evaluates_and_reuses_its_work(tmp_path):
             assert last < 0.8 * first, run
     text = (out / "report" / "report.md").read_text()
     assert report["headline"] in text and "keeps" in report["headline"]
+    assert "## Low-resource students" in text and "| cnn baseline (no KD) |" in text
     assert (out / "report" / "size_speed_quality.png").stat().st_size > 0
     assert (out / "report" / "training_curves.png").stat().st_size > 0
     # Splits are disjoint: no test text was distilled on.
@@ -45,7 +62,7 @@ def test_demo_quick_runs_both_stages_evaluates_and_reuses_its_work(tmp_path):
              for s, n in (("train", 800), ("test", 400))}
     assert not texts["train"] & texts["test"]
     # Again: every cache, the fine-tuned teacher and the finished runs are reused; no teacher inference.
-    second = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=1500)
     assert second.returncode == 0, second.stderr[-3000:]
     again = json.loads(second.stdout.strip().splitlines()[-1])
     assert again["teacher_pass_forward_calls"] == 0 and "no new inference" in second.stdout
