@@ -493,7 +493,7 @@ def test_composite_task_and_plain_dict_outputs():
 
 
 def test_every_term_is_declared_in_the_registry():
-    assert set(terms.TERMS) == {"kd", "rskd", "mlm", "clm", "cos", "emb", "hidden", "attn", "pred", "ce"}
+    assert set(terms.TERMS) == {"kd", "rskd", "mlm", "clm", "cos", "emb", "hidden", "attn", "pred", "ce", "logit_mse"}
     for name, term in terms.TERMS.items():
         assert term.name == name and term.about
         assert set(term.outputs) <= {"logits", "hidden_states", "attentions"}
