@@ -16,7 +16,9 @@ Parquet notes (pyarrow 26, measured):
     Without BYTE_STREAM_SPLIT the three padding bytes sit between the payload bytes and zstd loses
     to them. So **every leaf of every codec here wants BYTE_STREAM_SPLIT** (``TopKCodec.bss_leaves()``
     lists them), set on the leaf path (``col.list.element.list.element``), with dictionary encoding off.
-  * polars cannot read float16 written with BYTE_STREAM_SPLIT (its issue 21803).
+  * float16 leaves are the exception: duckdb 2.0.1 refuses FLOAT16 with BYTE_STREAM_SPLIT (polars 2.1
+    and pyarrow read both), so the writer stores them PLAIN unless ``WriteOptions.float16_byte_stream_split``
+    (docs/format.md section 6).
 
 Why the codecs look as they do, with the measurements behind it (``python -m
 experiments.topk_codec``): docs/format.md, Appendix A.

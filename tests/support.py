@@ -50,13 +50,13 @@ def synthetic_batch(spec: CacheSpec, sample_ids: np.ndarray, rng: np.random.Gene
 
 
 def write_cache(url, spec: CacheSpec, *, shards: int = 3, rows_per_shard: int = 8, batch_rows: int = 4,
-                seed: int = 0, overwrite: bool = False, generation: dict | None = None):
+                seed: int = 0, overwrite: bool = False, generation: dict | None = None, write_options=None):
     """Write a small complete cache; returns (manifest, {sample_id: padded-row dict})."""
     rng = np.random.default_rng(seed)
     header = Header(spec=spec, teacher={"name_or_path": "synthetic", "kind": "test"},
                     tokenizer={"vocab_size": spec.vocab_size, "vocab_hash": "none"},
                     generation={"seed": seed, "num_shards": shards, **(generation or {})})
-    writer = CacheWriter(str(url), header, overwrite=overwrite)
+    writer = CacheWriter(str(url), header, overwrite=overwrite, options=write_options)
     written = {}
     sid = 0
     for index in range(shards):
@@ -136,3 +136,33 @@ def make_teacher(folder, kind: str = "masked-lm", layers: int = 2, hidden: int =
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)
+
+
+def word_tokenizer():
+    """A word-level fast tokenizer over WORDS with every special token the model families use (pad, unk,
+    mask, cls/sep, bos/eos): one tokenizer for BERT-, RoBERTa-, MPNet- and Llama-style teachers alike."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<s>", "</s>"]
+    vocab = {t: i for i, t in enumerate([*specials, *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", bos_token="<s>", eos_token="</s>")
+
+
+def byte_level_tokenizer(vocab_size: int = 400):
+    """A byte-level BPE tokenizer (the GPT-2/Qwen2 kind) trained on WORDS: transformers 5 rebuilds such
+    model types' tokenizers from vocab + merges, which a word-level tokenizer does not survive."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([" ".join(WORDS)] * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   pad_token="<pad>", unk_token="<|endoftext|>")

@@ -77,9 +77,10 @@ def _bare_tokens_per_s(prep, batches: list[dict[str, Any]], device: str) -> floa
     import torch
 
     from kdcache.pipeline.common.runtime import amp_dtype
-    from kdcache.pipeline.teacher_pass.teacher import load_teacher, teacher_options_from
+    from kdcache.pipeline.teacher_pass.teacher import load_teacher
 
-    model, _, _ = load_teacher(teacher_options_from(prep.cfg), need_attentions=bool(prep.spec.attention_layers))
+    model, _, _ = load_teacher(prep.teacher_options(), need_attentions=bool(prep.spec.attention_layers),
+                             uses_head=prep.uses_head)
     dev = next(model.parameters()).device
     amp = amp_dtype(prep.cfg.autocast, dev)
     want_h, want_a = bool(prep.spec.hidden_layers), bool(prep.spec.attention_layers)
@@ -108,11 +109,11 @@ def _runner_tokens_per_s(prep, batches: list[dict[str, Any]]) -> float:
     nothing written. Between the bare loop and the full pass: what the device work adds, and what
     the host pipeline adds on top of it."""
     from kdcache.pipeline.teacher_pass.config import output_spec
-    from kdcache.pipeline.teacher_pass.teacher import TeacherRunner, load_teacher, teacher_options_from
+    from kdcache.pipeline.teacher_pass.teacher import TeacherRunner, load_teacher
 
     spec = prep.spec
-    opts = teacher_options_from(prep.cfg)
-    model, _, kind = load_teacher(opts, need_attentions=bool(spec.attention_layers))
+    opts = prep.teacher_options()
+    model, _, kind = load_teacher(opts, need_attentions=bool(spec.attention_layers), uses_head=prep.uses_head)
     runner = TeacherRunner(model, kind, output_spec(prep), opts)
     codec = spec.codec if spec.targets == "topk" else None
     runner(batches[0], codec=codec)  # warm-up (kernels, allocators, pinned memory)

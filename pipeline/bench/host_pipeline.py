@@ -82,9 +82,9 @@ def measure(teacher: str, corpus: str, out: str, *, hidden_layers: str, tokens: 
     from kdcache.pipeline.teacher_pass.shard import auto_batch_workers
     from kdcache.pipeline.teacher_pass.inputs import ShardPrefetcher
     from kdcache.pipeline.teacher_pass.config import prepare
-    from kdcache.pipeline.teacher_pass.config import CacheConfig
+    from kdcache.pipeline.teacher_pass.config import CacheConfig, write_options
     from kdcache.pipeline.teacher_pass.executor import LocalExecutor
-    from kdcache.storage import CacheWriter, WriteOptions
+    from kdcache.storage import CacheWriter
 
     cfg = CacheConfig(teacher=teacher, corpus=[corpus], out=out, max_length=max_length, batch_size=batch_size,
                       top_k=64, hidden_layers=hidden_layers, max_sequences=max(1, tokens // max_length),
@@ -93,7 +93,7 @@ def measure(teacher: str, corpus: str, out: str, *, hidden_layers: str, tokens: 
     prep = prepare(cfg)
     # 0: what the pass would choose beside a GPU, also where the fake outputs live on a CPU.
     cfg.shards_in_flight = auto_shards_in_flight(prep, on_gpu=True)
-    writer = CacheWriter(out, prep.header, overwrite=True, options=WriteOptions(zstd_level=cfg.zstd_level))
+    writer = CacheWriter(out, prep.header, overwrite=True, options=write_options(cfg))
     ex = LocalExecutor(prep, out)
     if batch_workers < 0:  # what the pass would choose beside a GPU
         batch_workers = auto_batch_workers(prep, on_gpu=True)

@@ -37,10 +37,10 @@ def profile(prep, batches: list[dict[str, Any]]) -> dict[str, float]:
     import torch
 
     from kdcache.pipeline.teacher_pass.config import output_spec
-    from kdcache.pipeline.teacher_pass.teacher import TeacherRunner, load_teacher, teacher_options_from
+    from kdcache.pipeline.teacher_pass.teacher import TeacherRunner, load_teacher
 
-    spec, opts = prep.spec, teacher_options_from(prep.cfg)
-    model, _, kind = load_teacher(opts, need_attentions=bool(spec.attention_layers))
+    spec, opts = prep.spec, prep.teacher_options()
+    model, _, kind = load_teacher(opts, need_attentions=bool(spec.attention_layers), uses_head=prep.uses_head)
     if next(model.parameters()).device.type == "cpu":  # as the cache pass runs a CPU teacher
         from kdcache.pipeline.common.allocator import tune_this_process
 

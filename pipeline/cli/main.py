@@ -96,6 +96,8 @@ def cmd_plan(args) -> int:
     from kdcache.pipeline.teacher_pass.plan import format_plan, make_plan, measure_tokens_per_s
 
     prep = prepare(_cache_config(args))
+    for note in prep.notes:
+        print(note)
     tps = args.tokens_per_s or (measure_tokens_per_s(prep) if args.measure else None)
     plan = make_plan(prep, tokens=args.corpus_tokens, tokens_per_s=tps)
     print(format_plan(plan))

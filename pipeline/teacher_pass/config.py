@@ -62,6 +62,9 @@ class CacheConfig:
     topk_calibration_sequences: int = field(default=128, metadata=flag(
         "sequences whose teacher top-k fit the top-k codec, 0 = off"))
     zstd_level: int = 3
+    float16_byte_stream_split: bool = field(default=False, metadata=flag(
+        "BYTE_STREAM_SPLIT on float16 columns: ~7% smaller hidden states, but duckdb cannot read them "
+        "(docs/format.md §6)"))
     encoder_threads: int = 0  # threads per shard turning teacher outputs into Arrow (0 = auto: 1 on CPU, 2 on GPU)
     shards_in_flight: int = field(default=0, metadata=flag(
         "shards per teacher at once, one Parquet writer each (default 0 = auto: 1 on CPU; GPU: 4, more with "
@@ -114,6 +117,32 @@ class Prepared:
     kind: str
     sequences_per_shard: int
     pad_id: int
+    notes: tuple[str, ...] = ()  # what the driver decided for the user (e.g. a headless folder run as an encoder)
+
+    @property
+    def uses_head(self) -> bool:
+        return head_used(self.cfg, self.kind)
+
+    def teacher_options(self):
+        """How actors load the teacher: as the kind resolved here, not the config's `auto`."""
+        from kdcache.pipeline.teacher_pass.teacher import teacher_options_from
+
+        return teacher_options_from(self.cfg, self.kind)
+
+
+def head_used(cfg: CacheConfig, kind: str) -> bool:
+    """Whether a cache with these options reads the teacher's head: soft targets from an LM head, task
+    logits from a classifier's."""
+    if kind in ("masked-lm", "causal-lm"):
+        return cfg.top_k > 0 or cfg.sample > 0
+    return kind == "classifier" and cfg.task_logits
+
+
+def write_options(cfg: CacheConfig):
+    """The Parquet writer's options for this pass (driver and actors alike)."""
+    from kdcache.storage import WriteOptions
+
+    return WriteOptions(zstd_level=cfg.zstd_level, float16_byte_stream_split=cfg.float16_byte_stream_split)
 
 
 def output_spec(prep: Prepared):
@@ -134,15 +163,29 @@ def prepare(cfg: CacheConfig) -> Prepared:
     from kdcache.storage import CacheSpec, Header
     from kdcache.storage.fs import redact
     from kdcache.storage.codecs import DEFAULT_TOPK_CODEC, get_topk_codec
-    from kdcache.pipeline.teacher_pass.teacher import teacher_fingerprint_from_config, teacher_options_from
+    from kdcache.pipeline.teacher_pass.teacher import (TeacherLoadError, resolve_kind, teacher_fingerprint_from_config,
+                                                       teacher_options_from)
     from kdcache.pipeline.common.hf import check_weights, detect_kind, tokenizer_fingerprint
 
     opts = teacher_options_from(cfg)
     check_weights(cfg.teacher, cfg.allow_pickle)
-    config = AutoConfig.from_pretrained(cfg.teacher, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.teacher, revision=cfg.revision,
-                                              trust_remote_code=cfg.trust_remote_code)
-    kind = detect_kind(config) if cfg.teacher_kind == "auto" else cfg.teacher_kind
+    try:
+        config = AutoConfig.from_pretrained(cfg.teacher, revision=cfg.revision,
+                                            trust_remote_code=cfg.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.teacher, revision=cfg.revision,
+                                                  trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        if "trust_remote_code" in str(exc):
+            # The folder ships its own Python: say so, and name the one switch that runs it.
+            raise TeacherLoadError(f"teacher {cfg.teacher}: it needs its own code to load (trust_remote_code); "
+                                   "kdcache does not run a folder's code unless you pass --trust-remote-code "
+                                   "after reading that code") from None
+        raise TeacherLoadError(f"teacher {cfg.teacher}: reading its config or tokenizer failed "
+                               f"({type(exc).__name__}: {first}); point --teacher at a folder written by "
+                               "save_pretrained (config.json, tokenizer files, *.safetensors)") from None
+    wanted = detect_kind(config) if cfg.teacher_kind == "auto" else cfg.teacher_kind
+    kind, notes = resolve_kind(opts, config, head_used(cfg, wanted))
     n_layers = config.num_hidden_layers
     has_lm_head = kind in ("masked-lm", "causal-lm")
     if cfg.mode not in ("pack", "examples"):
@@ -156,6 +199,13 @@ def prepare(cfg: CacheConfig) -> Prepared:
     codec_name = cfg.topk_codec or DEFAULT_TOPK_CODEC
     if targets == "topk" and cfg.top_k > vocab_size:
         raise ValueError(f"--top-k {cfg.top_k} is larger than the vocabulary ({vocab_size} tokens)")
+    hidden_layers = parse_layers(cfg.hidden_layers, n_layers, 0, "hidden-layers")
+    attention_layers = parse_layers(cfg.attention_layers, n_layers, 1, "attention-layers")
+    task = kind == "classifier" and cfg.task_logits
+    if targets == "none" and not (hidden_layers or attention_layers or task):
+        why = " ".join(notes) or f"a {kind} teacher with --top-k 0"
+        raise ValueError(f"nothing to cache: {why}. Add --hidden-layers (e.g. all) and/or --attention-layers, "
+                         "or use a teacher with an LM head for soft targets")
     hidden_dtype = cfg.dtype
     attention_dtype = cfg.attention_dtype or ("uint8" if cfg.dtype == "int8" else cfg.dtype)
     if cfg.max_length > getattr(config, "max_position_embeddings", cfg.max_length):
@@ -166,11 +216,11 @@ def prepare(cfg: CacheConfig) -> Prepared:
         num_samples=cfg.sample if targets == "sampled" else 0, topk_codec=codec_name,
         # Always recorded, so a later change of a codec's defaults cannot change how this cache decodes.
         codec_params=get_topk_codec(codec_name).params(),
-        hidden_layers=parse_layers(cfg.hidden_layers, n_layers, 0, "hidden-layers"), hidden_size=config.hidden_size,
+        hidden_layers=hidden_layers, hidden_size=config.hidden_size,
         hidden_dtype=hidden_dtype,
-        attention_layers=parse_layers(cfg.attention_layers, n_layers, 1, "attention-layers"),
+        attention_layers=attention_layers,
         num_heads=config.num_attention_heads, attention_dtype=attention_dtype,
-        mlm=kind == "masked-lm", num_labels=int(config.num_labels) if kind == "classifier" and cfg.task_logits else 0,
+        mlm=kind == "masked-lm", num_labels=int(config.num_labels) if task else 0,
         has_labels=cfg.mode == "examples" and cfg.label_field is not None,
     )
     generation = {
@@ -187,7 +237,8 @@ def prepare(cfg: CacheConfig) -> Prepared:
     per_shard = max(1, shard_tokens // cfg.max_length)
     header.generation["sequences_per_shard"] = per_shard
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    return Prepared(cfg=cfg, spec=spec, header=header, kind=kind, sequences_per_shard=per_shard, pad_id=int(pad))
+    return Prepared(cfg=cfg, spec=spec, header=header, kind=kind, sequences_per_shard=per_shard, pad_id=int(pad),
+                    notes=tuple(notes))
 
 
 def auto_shard_tokens(spec: CacheSpec) -> int:

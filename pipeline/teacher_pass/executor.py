@@ -110,7 +110,15 @@ def _actor_class():
             from kdcache.pipeline.teacher_pass.shard import ShardProcessor
 
             torch.set_num_threads(max(1, threads))
-            self.processor = ShardProcessor(prep, out_url, storage_options)
+            # A teacher that cannot load is reported by `stats`, not by the actor dying: the driver then
+            # shows the error's own one line and logs the traceback, instead of Ray's wrapped stack.
+            self.start_error: tuple[BaseException, str] | None = None
+            try:
+                self.processor = ShardProcessor(prep, out_url, storage_options)
+            except Exception as exc:
+                import traceback
+
+                self.start_error = (exc, traceback.format_exc())
 
         def process(self, index: int, seqs: list) -> dict[str, Any]:
             return self.processor.process(index, seqs)
@@ -127,6 +135,8 @@ def _actor_class():
 
             from kdcache.pipeline.common import allocator
 
+            if self.start_error is not None:
+                return {"start_error": self.start_error}
             return {"pid": os.getpid(), "forward_calls": self.processor.forward_calls,
                     "node": ray.get_runtime_context().get_node_id(), "threads": torch.get_num_threads(),
                     "malloc_tuned": allocator.tuned()}
@@ -165,13 +175,30 @@ class RayExecutor:
         self.placement: list[dict[str, Any]] = []
         # Wait until every teacher is loaded: a broken teacher folder fails here, once, with its message.
         try:
-            ray.get([a.stats.remote() for a in self.actors])
+            started = ray.get([a.stats.remote() for a in self.actors])
         except ray.exceptions.RayActorError as exc:
-            for a in self.actors:
-                ray.kill(a, no_restart=True)
-            if self.started_ray:
-                ray.shutdown()
-            raise RuntimeError(f"the teacher actors could not start: {exc}") from None
+            self._stop_actors()
+            logging.getLogger("kdcache_details").info(str(exc))
+            raise ShardFailed(f"the teacher actors could not start: {(str(exc).splitlines() or [''])[0]} (details in "
+                              "the run's log file)") from None
+        failed = [s["start_error"] for s in started if "start_error" in s]
+        if failed:
+            self._stop_actors()
+            error, trace = failed[0]
+            logging.getLogger("kdcache_details").info(trace)  # the run's log file (pipeline/common/console.py)
+            if isinstance(error, (ValueError, FileNotFoundError, PermissionError)):
+                raise error  # kdcache's own refusals and bad input: their message is the one line to show
+            first = (str(error).strip().splitlines() or [""])[0]
+            raise ShardFailed(f"the teacher could not start: {type(error).__name__}: {first} (traceback in the run's "
+                              "log file)") from None
+
+    def _stop_actors(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+        if self.started_ray:
+            ray.shutdown()
 
     def calibrate(self, seqs: list):
         import ray

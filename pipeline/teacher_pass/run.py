@@ -15,12 +15,12 @@ import os
 import time
 from typing import Any, Iterator
 
-from kdcache.storage import CacheWriter, ShardInfo, WriteOptions
+from kdcache.storage import CacheWriter, ShardInfo
 from kdcache.storage.fs import is_url, redact
 from kdcache.storage.manifest import LOG_DIR
 
 from kdcache.pipeline.common.console import run_console
-from kdcache.pipeline.teacher_pass.config import CacheConfig, Prepared, prepare, teacher_device
+from kdcache.pipeline.teacher_pass.config import CacheConfig, Prepared, prepare, teacher_device, write_options
 from kdcache.pipeline.teacher_pass.executor import LocalExecutor, RayExecutor
 from kdcache.pipeline.teacher_pass.inputs import (COUNT_LIMIT_BYTES, ShardPrefetcher, calibration_sequences,
                                                   corpus_bytes, count_shards, iter_shard_inputs)
@@ -45,8 +45,10 @@ def run_cache_pass(cfg: CacheConfig, *, executor: str | None = None, storage_opt
 
     started = time.perf_counter()
     prep = prepare(cfg)
+    for note in prep.notes:
+        log(note)
     writer = CacheWriter(cfg.out, prep.header, overwrite=cfg.overwrite, storage_options=storage_options,
-                         options=WriteOptions(zstd_level=cfg.zstd_level))
+                         options=write_options(cfg))
     summary: dict[str, Any] = {"out": redact(cfg.out), "fingerprint": prep.header.fingerprint}
     if writer.complete is not None:
         m = writer.complete

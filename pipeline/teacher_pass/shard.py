@@ -14,10 +14,10 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from kdcache.storage import CacheSpec, WriteOptions
+from kdcache.storage import CacheSpec
 from kdcache.storage.fs import Location
 from kdcache.pipeline.common.faults import mid_shard
-from kdcache.pipeline.teacher_pass.config import Prepared, output_spec
+from kdcache.pipeline.teacher_pass.config import Prepared, output_spec, write_options
 from kdcache.pipeline.teacher_pass.inputs import shard_batches
 
 
@@ -45,21 +45,22 @@ class ShardProcessor:
 
     def __init__(self, prep: Prepared, out_url: str, storage_options: dict | None = None):
         from kdcache.pipeline.data.masking import TokenizerInfo
-        from kdcache.pipeline.teacher_pass.teacher import TeacherRunner, load_teacher, teacher_options_from
+        from kdcache.pipeline.teacher_pass.teacher import TeacherRunner, load_teacher
 
         self.prep = prep
         spec = prep.spec
-        model, tokenizer, kind = load_teacher(teacher_options_from(prep.cfg), need_attentions=bool(spec.attention_layers))
+        model, tokenizer, kind = load_teacher(prep.teacher_options(), need_attentions=bool(spec.attention_layers),
+                                              uses_head=prep.uses_head)
         self.tok_info = TokenizerInfo.from_tokenizer(tokenizer)
         if spec.mlm and self.tok_info.mask_token_id is None:
             raise ValueError(f"teacher {prep.cfg.teacher} is a masked LM but its tokenizer has no mask token")
-        self.runner = TeacherRunner(model, kind, output_spec(prep), teacher_options_from(prep.cfg))
+        self.runner = TeacherRunner(model, kind, output_spec(prep), prep.teacher_options())
         if self.runner.device.type == "cpu":
             from kdcache.pipeline.common.allocator import tune_this_process
 
             tune_this_process()
         self.loc = Location.parse(out_url, storage_options)
-        self.options = WriteOptions(zstd_level=prep.cfg.zstd_level)
+        self.options = write_options(prep.cfg)
         self.forward_calls = 0
         self._lock = threading.Lock()  # counters, and starting the batch workers once
         self.batch_workers = auto_batch_workers(prep, self.runner.device.type != "cpu")

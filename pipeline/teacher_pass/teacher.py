@@ -7,6 +7,7 @@ copied to host memory, on a side stream into pinned buffers, overlapping the nex
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -35,37 +36,165 @@ class TeacherOptions:
     autocast: str = "auto"  # auto = bf16 on GPU, none on CPU; or bfloat16 | float16 | none
 
 
-def teacher_options_from(cfg) -> "TeacherOptions":
-    """The teacher-loading part of a cache config."""
-    return TeacherOptions(name_or_path=cfg.teacher, kind=cfg.teacher_kind, revision=cfg.revision,
+def teacher_options_from(cfg, kind: str | None = None) -> "TeacherOptions":
+    """The teacher-loading part of a cache config; `kind` = the kind `prepare` resolved (default: the config's)."""
+    return TeacherOptions(name_or_path=cfg.teacher, kind=kind or cfg.teacher_kind, revision=cfg.revision,
                           trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, device=cfg.device,
                           autocast=cfg.autocast)
 
 
+# What each kind's head produces in a cache: a head that was newly initialised would fill it with noise.
+HEAD_OUTPUTS = {"masked-lm": "top-k/RS-KD soft targets", "causal-lm": "top-k/RS-KD soft targets",
+                "classifier": "task logits"}
 
 
-def load_teacher(opts: TeacherOptions, need_attentions: bool):
-    """(model in eval mode on its device, tokenizer, kind)."""
+class TeacherHeadMissing(ValueError):
+    """The teacher's weights lack parameters that produce a cached output (they would be random)."""
+
+
+class TeacherLoadError(ValueError):
+    """The teacher could not be loaded: one line naming the folder, what failed and what to do."""
+
+
+def _details_log(text: str) -> None:
+    # The run's log file only (run_console routes the root logger there); not the terminal.
+    logging.getLogger("kdcache_details").info(text)
+
+
+def checkpoint_keys(folder: str) -> set[str] | None:
+    """Tensor names in a local folder's safetensors files, read from their headers (no tensor is loaded);
+    None where that cannot be known (a hub name, pickle weights)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(folder).glob("*.safetensors")) if Path(folder).is_dir() else []
+    if not files:
+        return None
+    keys: set[str] = set()
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            keys.update(fh.keys())
+    return keys
+
+
+def head_parameters(config, kind: str) -> list[str]:
+    """Names of the parameters the `kind` model has beyond its base model (the head), minus those tied to
+    another parameter (a decoder tied to the input embeddings is loaded with them). Built on the meta device:
+    no memory, no initialisation. Empty when the model cannot be built that way."""
+    try:
+        with torch.device("meta"):
+            model = auto_class(kind).from_config(config)
+    except Exception:  # remote code, exotic configs: the load-time check still guards them
+        return []
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    return [name for name, _ in model.named_parameters()
+            if not (prefix and name.startswith(prefix + ".")) and name not in tied]
+
+
+def missing_head(folder: str, config, kind: str) -> tuple[list[str], int] | None:
+    """(head parameters absent from the folder's weights, head size) when the `kind` model has a head whose
+    parameters the checkpoint lacks; None when it has them all or this cannot be told before loading."""
+    if kind not in HEAD_OUTPUTS:
+        return None
+    keys = checkpoint_keys(folder)
+    head = head_parameters(config, kind)
+    if keys is None or not head:
+        return None
+    missing = [name for name in head if name not in keys]
+    return (missing, len(head)) if missing else None
+
+
+def resolve_kind(opts: TeacherOptions, config, uses_head: bool) -> tuple[str, list[str]]:
+    """The kind the teacher runs as, and notes for the user. `auto` takes the config's architecture, but a
+    folder whose weights lack that head entirely (a sentence-transformers export names `*ForMaskedLM` over an
+    encoder) runs as an encoder: its hidden states and attention are real, its head would be random. An
+    explicit kind whose head is missing is refused when the cache would use the head. Read from the weights'
+    headers only; `load_teacher` checks again with what transformers actually initialised."""
+    kind = detect_kind(config) if opts.kind == "auto" else opts.kind
+    if kind not in TEACHER_KINDS[1:]:
+        raise ValueError(f"teacher kind must be one of {TEACHER_KINDS}, got {kind!r}")
+    found = missing_head(opts.name_or_path, config, kind)
+    if found is None:
+        return kind, []
+    missing, size = found
+    arch = (getattr(config, "architectures", None) or ["?"])[0]
+    if opts.kind == "auto" and len(missing) == size:
+        return "encoder", [f"teacher {opts.name_or_path}: its config names {arch} but its weights have no "
+                           f"{kind} head ({_names(missing)}): running it as an encoder (hidden states and "
+                           "attention only; no soft targets, no masking)"]
+    if uses_head and len(missing) == size:
+        raise TeacherHeadMissing(_head_message(opts.name_or_path, kind, missing))
+    return kind, []  # a partly missing head (or renamed legacy keys): the load-time check decides
+
+
+def _names(names: list[str], limit: int = 4) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _head_message(folder: str, kind: str, missing: list[str]) -> str:
+    return (f"teacher {folder}: the {kind} head that produces the cache's {HEAD_OUTPUTS[kind]} is not in its "
+            f"weights ({_names(missing)} would be randomly initialised); use teacher_kind=encoder (with "
+            "--top-k 0 and --hidden-layers/--attention-layers) to cache hidden states and attention only, or "
+            "a checkpoint that has its head")
+
+
+def _fatal_missing(missing: list[str], kind: str, uses_head: bool, base_prefix: str) -> list[str]:
+    """The newly initialised parameters that would corrupt a cached output: anything in the encoder but its
+    pooler (read only by a classifier's head), and the head itself when the cache uses it."""
+    fatal = []
+    for name in missing:
+        in_head = bool(base_prefix) and not name.startswith(base_prefix + ".") and kind != "encoder"
+        if in_head and not uses_head:
+            continue
+        if ".pooler." in f".{name}" and not (kind == "classifier" and uses_head):
+            continue
+        fatal.append(name)
+    return fatal
+
+
+def load_teacher(opts: TeacherOptions, need_attentions: bool, uses_head: bool = True):
+    """(model in eval mode on its device, tokenizer, kind). `opts.kind` should be the resolved kind
+    (`Prepared.teacher_options()`); any newly initialised parameter that would feed the cache is refused
+    here, before any inference, and a load failure becomes one `TeacherLoadError` line (traceback logged)."""
     from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     check_weights(opts.name_or_path, opts.allow_pickle)
     common = dict(revision=opts.revision, trust_remote_code=opts.trust_remote_code)
-    config = AutoConfig.from_pretrained(opts.name_or_path, **common)
-    kind = detect_kind(config) if opts.kind == "auto" else opts.kind
-    if kind not in TEACHER_KINDS[1:]:
-        raise ValueError(f"teacher kind must be one of {TEACHER_KINDS}, got {kind!r}")
-    auto = auto_class(kind)
-    # Eager attention only when maps are cached: the fused kernels cannot return them.
-    attn = "eager" if need_attentions else "sdpa"
-    model = auto.from_pretrained(opts.name_or_path, attn_implementation=attn,
-                                 use_safetensors=not opts.allow_pickle, **common)
+    try:
+        config = AutoConfig.from_pretrained(opts.name_or_path, **common)
+        kind = resolve_kind(opts, config, uses_head)[0]
+        auto = auto_class(kind)
+        # Eager attention only when maps are cached (fused kernels cannot return them); otherwise transformers
+        # picks the fused kernel (sdpa) where the architecture has one, and eager where it has none.
+        attn = {"attn_implementation": "eager"} if need_attentions else {}
+        model, info = auto.from_pretrained(opts.name_or_path, use_safetensors=not opts.allow_pickle,
+                                           output_loading_info=True, **attn, **common)
+        tokenizer = AutoTokenizer.from_pretrained(opts.name_or_path, **common)
+    except TeacherHeadMissing:
+        raise
+    except Exception as exc:
+        import traceback
+
+        _details_log(traceback.format_exc())
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise TeacherLoadError(f"teacher {opts.name_or_path}: loading it failed ({type(exc).__name__}: {first}); "
+                               "check that the folder was written by save_pretrained and matches this transformers "
+                               "version (the traceback is in the run's log file)") from None
+    fatal = _fatal_missing(sorted(info.get("missing_keys") or ()), kind, uses_head,
+                           getattr(model, "base_model_prefix", "") or "")
+    if fatal:
+        if kind in HEAD_OUTPUTS and uses_head:
+            raise TeacherHeadMissing(_head_message(opts.name_or_path, kind, fatal))
+        raise TeacherHeadMissing(f"teacher {opts.name_or_path}: its weights lack {_names(fatal)}, which would be "
+                                 "randomly initialised; use a complete checkpoint")
+    if not need_attentions and getattr(model.config, "_attn_implementation", None) == "eager":
+        _details_log(f"teacher {opts.name_or_path}: {type(model).__name__} has no fused attention kernel (sdpa) in "
+                     "this transformers version; running eager attention")
     device = resolve_device(opts.device)
     model.to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(opts.name_or_path, **common)
     return model, tokenizer, kind
-
 
 
 def teacher_fingerprint_from_config(opts: TeacherOptions, model_config, kind: str) -> dict[str, Any]:
