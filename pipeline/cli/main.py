@@ -213,9 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the run summary as one JSON object (last line)")
     s.set_defaults(func=cmd_cache)
 
+    from kdcache.pipeline.cli.search import register as register_search
     from kdcache.pipeline.cli.train import register, register_bench
 
     register(sub)  # init-student, train
+    register_search(sub)
 
     s = sub.add_parser("inspect", help="show a cache's teacher, options, sizes and bytes per token per column")
     s.add_argument("cache", help="cache directory or URL")

@@ -94,10 +94,42 @@ def _init_small_student(args) -> int:
     return 0
 
 
+def _init_from_architecture(args) -> int:
+    import json
+    from pathlib import Path
+
+    from kdcache.pipeline.common.jsonout import print_json
+    from kdcache.pipeline.student.small import SMALL_STUDENTS, init_small_student
+
+    path = Path(args.architecture_config)
+    try:
+        arch = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--architecture-config {path}: {exc}") from None
+    name = arch.pop("architecture", None) if isinstance(arch, dict) else None
+    if name not in SMALL_STUDENTS:
+        raise ValueError(f"--architecture-config {path}: 'architecture' must be one of {', '.join(SMALL_STUDENTS)}, "
+                         f"got {name!r}")
+    for k in ("vocab_size", "pad_token_id", "num_labels"):  # the teacher decides these
+        arch.pop(k, None)
+    embedding_size = arch.pop("embedding_size", None)
+    record = init_small_student(args.teacher, args.out, name, num_labels=args.num_labels,
+                                embedding_size=embedding_size, seed=args.seed, allow_pickle=args.allow_pickle,
+                                embedding_init="random" if args.embedding_init == "random" else "teacher", **arch)
+    if args.json:
+        print_json(record)
+    else:
+        print(f"{name} student in {args.out} from {path}: {record['params']:,} parameters; embeddings "
+              f"{record['embedding_init']}")
+    return 0
+
+
 def cmd_init_student(args) -> int:
     from kdcache.pipeline.common.jsonout import print_json
     from kdcache.pipeline.student.models import init_student_from_teacher
 
+    if args.architecture_config:
+        return _init_from_architecture(args)
     if args.architecture != "transformer":
         return _init_small_student(args)
     small_only = [f for f, v in (("--hidden", args.hidden), ("--dense", args.dense), ("--filters", args.filters),
@@ -142,9 +174,13 @@ def register(subparsers) -> None:
     s.add_argument("--allow-pickle", action="store_true",
                    help="accept pickle (.bin) teacher weights, loaded with weights_only=True")
     s.add_argument("--seed", type=int, default=0, help="seed for randomly initialised weights")
-    s.add_argument("--architecture", choices=("transformer", "bilstm", "cnn"), default="transformer",
-                   help="transformer: the teacher's own family (blocks copied or random); bilstm (Tang et al.) "
-                        "or cnn (Kim): small classifiers on the teacher's tokenizer")
+    s.add_argument("--architecture", choices=("transformer", "bilstm", "cnn", "cellcnn"), default="transformer",
+                   help="transformer: the teacher's own family (blocks copied or random); bilstm (Tang et al.), "
+                        "cnn (Kim) or cellcnn (a searched AdaBERT-style cell): small classifiers on the teacher's "
+                        "tokenizer")
+    s.add_argument("--architecture-config", default=None,
+                   help="a small student's architecture JSON (e.g. `kdcache search`'s DIR/best/architecture.json): "
+                        "build that student on this teacher's tokenizer and token table")
     s.add_argument("--embedding-init", choices=("random", "pca", "teacher"), default=None,
                    help="embedding table: random, or the teacher's (projected onto its top principal directions "
                         "where the student is narrower; pca and teacher mean the same). Default: random for a "

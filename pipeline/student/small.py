@@ -1,4 +1,5 @@
-"""Small non-transformer students for task distillation: Tang et al.'s BiLSTM and Kim's CNN.
+"""Small non-transformer students for task distillation: Tang et al.'s BiLSTM, Kim's CNN and the
+AdaBERT-style cell CNN that `kdcache search` searches.
 
 Both read the teacher's token ids (so one cache serves every student) and return per-example
 logits, `forward(input_ids, attention_mask) -> .logits [B, C]`, like a sequence classifier; the
@@ -24,7 +25,7 @@ import torch.nn as nn
 from huggingface_hub import PyTorchModelHubMixin
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-__all__ = ["BiLSTMClassifier", "CNNClassifier", "SMALL_STUDENTS", "is_small_student", "load_small_student",
+__all__ = ["BiLSTMClassifier", "CNNClassifier", "CellCNNClassifier", "CELL_OPS", "SMALL_STUDENTS", "is_small_student", "load_small_student",
            "init_small_student", "describe_small_student"]
 
 _CARD = {"library_name": "kdcache", "tags": ["knowledge-distillation", "kdcache"]}
@@ -135,7 +136,103 @@ class CNNClassifier(nn.Module, PyTorchModelHubMixin, **_CARD):
         return SequenceClassifierOutput(logits=self.out(self.dropout(torch.cat(pooled, dim=-1))))
 
 
-SMALL_STUDENTS: dict[str, type[nn.Module]] = {"bilstm": BiLSTMClassifier, "cnn": CNNClassifier}
+# AdaBERT's operation set (Chen et al. 2020) on [B, C, T] with real tokens at the front: every op keeps
+# the length, and pads stay zero (max-pool sees them as -inf, avg-pool counts only real tokens), so a
+# padded batch gives the logits of one-by-one inference. "zero" is not an op: a node always has inputs.
+def _conv_op(channels: int, k: int, dilation: int) -> nn.Module:
+    return nn.Sequential(nn.Conv1d(channels, channels, k, dilation=dilation, padding=(k // 2) * dilation), nn.ReLU())
+
+
+class _Pool(nn.Module):
+    def __init__(self, kind: str, k: int = 3):
+        super().__init__()
+        self.kind, self.k = kind, k
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        pad = self.k // 2
+        if self.kind == "max":
+            y = nn.functional.max_pool1d(x.masked_fill(~mask, float("-inf")), self.k, 1, pad)
+        else:
+            m = mask.to(x.dtype)
+            y = nn.functional.avg_pool1d(x * m, self.k, 1, pad) / nn.functional.avg_pool1d(m, self.k, 1, pad).clamp(
+                min=1e-6)
+        return y.masked_fill(~mask, 0.0)
+
+
+CELL_OPS: dict[str, Any] = {
+    "conv3": lambda c: _conv_op(c, 3, 1), "conv5": lambda c: _conv_op(c, 5, 1), "conv7": lambda c: _conv_op(c, 7, 1),
+    "dilconv3": lambda c: _conv_op(c, 3, 2), "dilconv5": lambda c: _conv_op(c, 5, 2),
+    "dilconv7": lambda c: _conv_op(c, 7, 2), "maxpool3": lambda c: _Pool("max"), "avgpool3": lambda c: _Pool("avg"),
+    "identity": lambda c: nn.Identity(),
+}
+
+
+class _Cell(nn.Module):
+    """One searched cell: states [s0 (two cells back), s1 (previous cell)]; node i sums two ops of
+    earlier states (`genotype[i] = [[op, input], [op, input]]`); the cell's output is the mean of
+    its nodes plus s1 (residual: a deep stack of cells still trains)."""
+
+    def __init__(self, channels: int, genotype: list):
+        super().__init__()
+        self.genotype = [[(str(op), int(src)) for op, src in node] for node in genotype]
+        self.ops = nn.ModuleList()
+        for i, node in enumerate(self.genotype):
+            for op, src in node:
+                if op not in CELL_OPS:
+                    raise ValueError(f"cell op {op!r} is not one of {', '.join(CELL_OPS)}")
+                if not 0 <= src < 2 + i:
+                    raise ValueError(f"node {i} reads state {src}: only 0..{1 + i} exist before it")
+                self.ops.append(CELL_OPS[op](channels))
+
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        states, k = [s0, s1], 0
+        for node in self.genotype:
+            acc = 0
+            for _, src in node:
+                op = self.ops[k]
+                k += 1
+                y = op(states[src], mask) if isinstance(op, _Pool) else op(states[src])
+                acc = acc + y.masked_fill(~mask, 0.0)
+            states.append(acc)
+        return s1 + torch.stack(states[2:]).mean(0)
+
+
+class CellCNNClassifier(nn.Module, PyTorchModelHubMixin, **_CARD):
+    """AdaBERT-style searched CNN: embedding → width `channels` → `cells` stacked copies of one searched
+    cell (ops from `CELL_OPS`) → max over real tokens → dropout → logits. `kdcache search` picks the
+    genotype, depth, width and embedding size; `init-student --architecture-config` rebuilds it."""
+
+    def __init__(self, vocab_size: int, num_labels: int = 2, embedding_size: int = 128, channels: int = 64,
+                 cells: int = 2, genotype: list | None = None, dropout: float = 0.1, pad_token_id: int = 0,
+                 architecture: str = "cellcnn"):
+        super().__init__()
+        if architecture != "cellcnn":
+            raise ValueError(f"CellCNNClassifier got architecture={architecture!r}")
+        if cells < 1:
+            raise ValueError(f"cells must be >= 1, got {cells}")
+        genotype = genotype or [[["conv3", 1], ["conv5", 0]], [["maxpool3", 2], ["identity", 1]]]
+        self.vocab_size, self.num_labels, self.pad_token_id = vocab_size, num_labels, pad_token_id
+        self.embed = nn.Embedding(vocab_size, embedding_size, padding_idx=pad_token_id)
+        self.stem = nn.Conv1d(embedding_size, channels, 1)
+        self.cells = nn.ModuleList(_Cell(channels, genotype) for _ in range(cells))
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(channels, num_labels)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                **_: Any) -> SequenceClassifierOutput:
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        ids, lengths = _compact(input_ids, mask, self.pad_token_id)
+        real = (torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None].clamp(min=1))[:, None, :]
+        x = self.stem(self.embed(ids).transpose(1, 2)).masked_fill(~real, 0.0)  # [B, C, T]
+        s0 = s1 = x
+        for cell in self.cells:
+            s0, s1 = s1, cell(s0, s1, real)
+        pooled = s1.masked_fill(~real, float("-inf")).max(dim=-1).values
+        return SequenceClassifierOutput(logits=self.out(self.dropout(pooled)))
+
+
+SMALL_STUDENTS: dict[str, type[nn.Module]] = {"bilstm": BiLSTMClassifier, "cnn": CNNClassifier,
+                                              "cellcnn": CellCNNClassifier}
 
 
 def _small_config(folder: str | Path) -> dict[str, Any] | None:

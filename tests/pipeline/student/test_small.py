@@ -13,7 +13,7 @@ import torch
 from kdcache.pipeline.student.config import load_train_config
 from kdcache.pipeline.student.losses import logit_mse
 from kdcache.pipeline.student.presets import tang
-from kdcache.pipeline.student.small import (BiLSTMClassifier, CNNClassifier, init_small_student, load_small_student,
+from kdcache.pipeline.student.small import (BiLSTMClassifier, CellCNNClassifier, CNNClassifier, init_small_student, load_small_student,
                                             param_counts)
 from kdcache.pipeline.student.terms import CompositeLoss
 from kdcache.pipeline.student.trainer import train, validate
@@ -28,6 +28,10 @@ MODELS = {
     "bilstm-pair": lambda: BiLSTMClassifier(vocab_size=60, num_labels=3, embedding_size=12, hidden=8, dense=10,
                                             pair=True, sep_token_id=SEP),
     "cnn": lambda: CNNClassifier(vocab_size=60, num_labels=3, embedding_size=12, filters=6, kernel_sizes=[2, 3, 5]),
+    # every op of the cell space once, two cells deep (the second reads the first's output and input)
+    "cellcnn": lambda: CellCNNClassifier(vocab_size=60, num_labels=3, embedding_size=12, channels=6, cells=2, genotype=[
+        [["conv3", 0], ["conv5", 1]], [["conv7", 2], ["dilconv3", 1]], [["dilconv5", 3], ["dilconv7", 0]],
+        [["maxpool3", 4], ["avgpool3", 2]], [["identity", 5], ["avgpool3", 0]]]),
 }
 
 
@@ -76,7 +80,7 @@ def test_save_and_load_in_one_call_predict_identically(name, tmp_path):
     ids, mask = _batch(_rows(seed=3))
     model.save_pretrained(str(tmp_path / name))
     config = json.loads((tmp_path / name / "config.json").read_text())
-    assert config["architecture"] in ("bilstm", "cnn") and (tmp_path / name / "model.safetensors").is_file()
+    assert config["architecture"] in ("bilstm", "cnn", "cellcnn") and (tmp_path / name / "model.safetensors").is_file()
     for loaded in (load_small_student(tmp_path / name), type(model).from_pretrained(str(tmp_path / name)).eval()):
         with torch.no_grad():
             assert torch.equal(loaded(ids, mask).logits, model(ids, mask).logits)
