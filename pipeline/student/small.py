@@ -291,7 +291,7 @@ def init_small_student(teacher_dir: str | Path, out_dir: str | Path, architectur
     width: a plain copy); `"random"`: drawn under `seed`. `shape`: the class's other arguments
     (`hidden`, `dense`, `pooling`, `pair` / `filters`, `kernel_sizes`, `dropout`).
     """
-    from kdcache.pipeline.student.models import TeacherWeights, copy_tokenizer, pca_projection
+    from kdcache.pipeline.student.models import TeacherWeights, pca_projection
 
     if architecture not in SMALL_STUDENTS:
         raise ValueError(f"--architecture {architecture!r}: small students are {', '.join(SMALL_STUDENTS)}")
@@ -341,16 +341,27 @@ def init_small_student(teacher_dir: str | Path, out_dir: str | Path, architectur
             source = f"teacher {key}, copied"
         with torch.no_grad():
             model.embed.weight.copy_(table)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    record = {"architecture": architecture, "teacher": str(teacher_dir), "seed": seed, "embedding_init": source,
+              **kwargs, **param_counts(model)}
+    save_small_student(model, out_dir, teacher_dir, record)
+    return record
+
+
+def save_small_student(model: nn.Module, out_dir: str | Path, tokenizer_from: str | Path | None,
+                       record: dict[str, Any]) -> None:
+    """`out_dir` = the model (config.json + safetensors), the tokenizer files of `tokenizer_from` and
+    `kdcache_student.json`, written beside it and moved into place in one step."""
     import shutil
 
+    from kdcache.pipeline.student.models import copy_tokenizer
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model.save_pretrained(str(tmp))
-    copy_tokenizer(teacher_dir, tmp, drop_token_types=False)
-    record = {"architecture": architecture, "teacher": str(teacher_dir), "seed": seed, "embedding_init": source,
-              **kwargs, **param_counts(model)}
+    if tokenizer_from:
+        copy_tokenizer(Path(tokenizer_from), tmp, drop_token_types=False)
     (tmp / "kdcache_student.json").write_text(json.dumps(record, indent=2) + "\n")
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.replace(out_dir)
-    return record

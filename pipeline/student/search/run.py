@@ -145,7 +145,7 @@ def _write_trials(grid, space: dict[str, Any], out: Path) -> list[dict[str, Any]
     rows = []
     steps = int(space["train"]["steps"])
     for r in grid:
-        cfg = {k: v for k, v in (r.config or {}).items()}
+        cfg = dict(r.config or {})
         m = r.metrics or {}
         row = {"trial_id": m.get("trial_id") or (r.path and Path(r.path).name), "status": "ERROR" if r.error else
                "TERMINATED", "family": cfg.get("family"), "architecture": architecture(cfg, space) if cfg else None,
@@ -234,10 +234,7 @@ def _final_retraining(top: list[dict[str, Any]], setup: SearchSetup, opts: Searc
 
     @ray.remote(num_cpus=opts.cpus_per_trial)
     def retrain(arch, train, seed, folder):
-        import dataclasses as dc
-
-        metrics = fit_candidate(arch, train, dc.replace(setup, seed=setup.seed), seed, Path(folder))
-        return metrics
+        return fit_candidate(arch, train, setup, seed, Path(folder))
 
     results = []
     jobs = []

@@ -7,7 +7,6 @@ config is one plain dict in trials.jsonl.
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +30,7 @@ def load_space(path: str | Path | None = None) -> dict[str, Any]:
         raise ValueError(f"--space {where}: {exc}") from None
     if not isinstance(space, dict):
         raise ValueError(f"--space {where}: expected a mapping of keys ({', '.join(sorted(TOP_KEYS))})")
-    default = yaml.safe_load(DEFAULT_SPACE.read_text())
-    merged = copy.deepcopy(default) if path else default
+    merged = yaml.safe_load(DEFAULT_SPACE.read_text())  # a fresh copy: the user's file is merged over it
     unknown = sorted(set(space) - TOP_KEYS)
     if unknown:
         raise ValueError(f"--space {where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(TOP_KEYS))})")

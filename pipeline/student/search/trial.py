@@ -7,7 +7,6 @@ folder that `kdcache init-student` made, the targets from the cache.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import statistics
 import tempfile
@@ -19,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from kdcache.pipeline.student.small import SMALL_STUDENTS, load_small_student, param_counts
+from kdcache.pipeline.student.small import SMALL_STUDENTS, load_small_student, param_counts, save_small_student
 
 
 @dataclass
@@ -124,7 +123,7 @@ def objective(accuracy: float, latency_ms: float, target_ms: float, penalty: flo
 
 def build_student(arch: dict[str, Any], setup: SearchSetup, seed: int, folder: Path) -> dict[str, Any]:
     """Write the candidate's initial student to `folder` (loadable by `load_small_student`)."""
-    from kdcache.pipeline.student.models import copy_tokenizer, pca_projection
+    from kdcache.pipeline.student.models import pca_projection
     from kdcache.storage import CacheReader
 
     reader = CacheReader(setup.cache, verify="off")
@@ -150,12 +149,8 @@ def build_student(arch: dict[str, Any], setup: SearchSetup, seed: int, folder: P
         with torch.no_grad():
             model.embed.weight.copy_(table)
         source = f"{setup.embeddings}, PCA {table.shape[1]} -> {width}"
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(folder))
-    if setup.embeddings:
-        copy_tokenizer(Path(setup.embeddings), folder, drop_token_types=False)
     record = {**kwargs, "seed": seed, "embedding_init": source, **param_counts(model)}
-    (folder / "kdcache_student.json").write_text(json.dumps(record, indent=1) + "\n")
+    save_small_student(model, folder, setup.embeddings or None, record)
     return record
 
 
@@ -224,30 +219,29 @@ def fit_candidate(arch: dict[str, Any], train: dict[str, Any], setup: SearchSetu
             acc = dev_accuracy(c.student, dev)
             metrics = {"step": step, "loss": float(loss), "dev_accuracy": acc, **static,
                        "score": objective(acc, static["latency_ms"], setup.latency_target_ms, setup.penalty)}
-            with tempfile.TemporaryDirectory(prefix="kdcache-search-") as tmp:
-                folder = Path(tmp)
-                torch.save({"student": c.student.state_dict(), "loss_fn": c.loss_fn.state_dict(),
-                            "optimizer": c.optimizer.state_dict(), "scheduler": c.scheduler.state_dict(),
-                            "step": step, "epoch": epoch, "rows": rows}, folder / "state.pt")
-                save_student(c.student, init, folder / "student")
-                if report is not None:
+            if report is not None:  # Tune keeps a copy of the folder: the state to resume from, the student so far
+                with tempfile.TemporaryDirectory(prefix="kdcache-search-") as tmp:
+                    folder = Path(tmp)
+                    torch.save({"student": c.student.state_dict(), "loss_fn": c.loss_fn.state_dict(),
+                                "optimizer": c.optimizer.state_dict(), "scheduler": c.scheduler.state_dict(),
+                                "step": step, "epoch": epoch, "rows": rows}, folder / "state.pt")
+                    save_student(c.student, init, folder / "student")
                     report(metrics, folder)
-                elif step == train["steps"]:
-                    import shutil
-
-                    shutil.rmtree(workdir / "student", ignore_errors=True)
-                    shutil.copytree(folder / "student", workdir / "student")
+            elif step == train["steps"]:
+                save_student(c.student, init, workdir / "student")
     return metrics
 
 
 def save_student(model: torch.nn.Module, init: Path, dest: Path) -> None:
-    """The trained student as a loadable folder: weights, config, tokenizer files, record."""
+    """The trained student as a loadable folder: weights and config, and the initial folder's
+    tokenizer files and record."""
     import shutil
 
-    model.save_pretrained(str(dest))
+    dest.mkdir(parents=True, exist_ok=True)
     for f in init.iterdir():
         if f.is_file() and f.name not in ("config.json", "model.safetensors"):
             shutil.copy2(f, dest / f.name)
+    model.save_pretrained(str(dest))
 
 
 def tune_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
