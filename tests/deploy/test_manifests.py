@@ -142,18 +142,21 @@ def test_image_pins_match_the_project():
     pyproject = (ROOT / "pyproject.toml").read_text()
     deps = {Requirement(d).name.lower(): Requirement(d) for d in
             re.findall(r'^\s+"([^"]+)",', pyproject.split("[project.optional-dependencies]")[0], re.M)}
-    pins = {}
+    pins, extras = {}, {}
     for line in (DEPLOY / "requirements.txt").read_text().splitlines():
         if line.strip() and not line.startswith("#"):
             req = Requirement(line)
             (spec,) = req.specifier
             assert spec.operator == "==", f"{line}: the image pins exact versions"
             pins[req.name.lower()] = spec.version
+            extras[req.name.lower()] = req.extras
     for name, req in deps.items():
         if name == "torch":
             continue  # installed from the CUDA index by the Dockerfile, checked below
         assert name in pins, f"{name} (a pyproject dependency) is not pinned in deploy/requirements.txt"
         assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} violates {req}"
+        # e.g. ray[tune]: `kdcache search` in the image needs the extra, not only the version
+        assert req.extras <= extras[name], f"{name}: the image lacks extras {sorted(req.extras - extras[name])}"
     assert "s3fs" in pins  # object storage is the cluster's shared filesystem
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     torch_pin = str(deps["torch"].specifier).lstrip("=")
