@@ -5,7 +5,7 @@ from __future__ import annotations
 def cmd_search(args) -> int:
     from kdcache.pipeline.common.console import run_console
     from kdcache.pipeline.common.jsonout import print_json
-    from kdcache.pipeline.student.search.run import SearchOptions, search
+    from kdcache.pipeline.student.search.run import SearchInterrupted, SearchOptions, search
 
     opts = SearchOptions(cache=args.cache, out=args.out, space=args.space or "", trials=args.trials,
                          max_concurrent=args.max_concurrent, cpus_per_trial=args.cpus_per_trial,
@@ -14,7 +14,11 @@ def cmd_search(args) -> int:
                          dev_cache=args.dev_cache or "", holdout=args.holdout, embeddings=args.embeddings or "",
                          final_top=args.final_top, final_seeds=args.final_seeds, seed=args.seed, address=args.address)
     with run_console(args.out, say_where=print):
-        summary = search(opts)
+        try:
+            summary = search(opts)
+        except SearchInterrupted as e:
+            print(f"kdcache search: {e}")
+            return 130
     if args.json:
         print_json(summary)
         return 0

@@ -249,6 +249,27 @@ def run_console(run_dir: str | Path | None, say_where: Callable[[str], None] | N
         yield path
 
 
+@contextlib.contextmanager
+def prints_to_log(logger: str) -> Iterator[None]:
+    """Inside: the driver's own `print`s go to `logger` (the log file under `run_console`), not the
+    terminal. For library code that prints instead of logging (Ray Tune's start-of-experiment
+    table and "View detailed results" lines do, whatever its verbosity)."""
+    lg = logging.getLogger(logger)
+
+    class _Lines:
+        def write(self, text: str) -> int:
+            for line in text.splitlines():
+                if line.strip():
+                    lg.info(line)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    with contextlib.redirect_stdout(_Lines()):
+        yield
+
+
 def _close_quietly(f) -> None:
     with contextlib.suppress(OSError):
         f.close()

@@ -17,6 +17,10 @@ from kdcache.pipeline.student.search.trial import SearchSetup, fit_candidate, se
 EXPERIMENT = "tune"  # DIR/tune/: Ray Tune's experiment (its state is what a re-run restores)
 
 
+class SearchInterrupted(RuntimeError):
+    """Stopped by a signal; Ray Tune's experiment state is saved and a re-run continues it."""
+
+
 @dataclass
 class SearchOptions:
     cache: str
@@ -48,6 +52,10 @@ def _searcher(opts: SearchOptions):
         import optuna
         from ray.tune.search.optuna import OptunaSearch
 
+        # optuna prints "A new study created" through its own stderr handler: into the log file instead
+        optuna.logging.disable_default_handler()
+        optuna.logging.enable_propagation()
+
         return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=opts.seed, n_startup_trials=max(2, opts.trials // 3)))
     raise ValueError(f"--search {opts.search!r}: random | optuna")
 
@@ -68,6 +76,7 @@ def search(opts: SearchOptions, log: Callable[[str], None] = print) -> dict[str,
     import ray
     from ray import tune
 
+    from kdcache.pipeline.common.console import prints_to_log
     from kdcache.pipeline.common.runtime import init_ray
 
     if opts.metric not in ("score", "dev_accuracy"):
@@ -102,7 +111,15 @@ def search(opts: SearchOptions, log: Callable[[str], None] = print) -> dict[str,
                 run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=0,
                                           checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                           failure_config=tune.FailureConfig(max_failures=1)))
-        grid = tuner.fit()
+        with prints_to_log("ray.tune"):
+            grid = tuner.fit()
+        # Ctrl+C: Tune saves its state and returns with trials still pending or running (it does not
+        # raise), so the front and the retraining would be built from a half-run search
+        unfinished = len(grid) - grid.num_terminated - grid.num_errors
+        if unfinished or len(grid) < opts.trials:
+            raise SearchInterrupted(f"search interrupted ({unfinished + opts.trials - len(grid)} of {opts.trials} "
+                                    f"trials to go); run the same command again to continue: finished trials "
+                                    f"are kept (state: {path})")
         trials = _write_trials(grid, space, out)
         done = [t for t in trials if t.get("dev_accuracy") is not None]
         if not done:

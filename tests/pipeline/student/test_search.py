@@ -148,3 +148,56 @@ def test_search_writes_trials_front_best_and_final(searched):
     assert final["seeds"] == 2 and len(final["dev_accuracy_seeds"]) == 2
     for folder in final["students"]:
         load_small_student(folder)
+
+
+def _finished_trials(tune_dir, steps):
+    """Trial folder -> its reported steps, for trials whose last report reached `steps`."""
+    done = {}
+    for result in tune_dir.glob("*/result.json"):
+        reported = [json.loads(line)["step"] for line in result.read_text().splitlines() if line.strip()]
+        if reported and reported[-1] == steps:
+            done[result.parent.name] = reported
+    return done
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_an_interrupted_search_continues_without_rerunning_finished_trials(searched):
+    """Ctrl+C once a trial has finished: the command says how to continue and exits 130; the same
+    command again restores Tune's experiment, keeps the finished trial (its results are not
+    reported twice) and completes the rest."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (searched / "long.yaml").write_text(SPACE.replace("steps: 30", "steps: 150"))
+    out = searched / "interrupted"
+    cmd = [sys.executable, "-m", "kdcache.pipeline.cli.main", "search", "--cache", str(searched / "cache"),
+           "--space", str(searched / "long.yaml"), "--out", str(out), "--trials", "3", "--max-concurrent", "1",
+           "--scheduler", "fifo", "--final-top", "0"]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.monotonic() + 300
+    while not _finished_trials(out / "tune", 150) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    first.send_signal(signal.SIGINT)
+    said = first.communicate(timeout=300)[0]
+    assert first.returncode == 130, said
+    assert "run the same command again to continue" in said and not (out / "trials.jsonl").exists()
+    kept = _finished_trials(out / "tune", 150)
+    assert len(kept) >= 1
+
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "continuing the search" in second.stdout
+    assert "Configuration for experiment" not in second.stdout  # Tune's prints go to the log file
+    after = _finished_trials(out / "tune", 150)
+    assert len(after) == 3
+    for name, steps in kept.items():
+        assert after[name] == steps  # the finished trial did not run (or report) again
+    for steps in after.values():
+        assert steps == sorted(set(steps))  # a resumed trial continued, it did not restart its reports
+    trials = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+    assert len(trials) == 3 and all(t["status"] == "TERMINATED" and t["step"] == 150 for t in trials)
