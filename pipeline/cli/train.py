@@ -174,9 +174,10 @@ def register(subparsers) -> None:
     s.add_argument("--allow-pickle", action="store_true",
                    help="accept pickle (.bin) teacher weights, loaded with weights_only=True")
     s.add_argument("--seed", type=int, default=0, help="seed for randomly initialised weights")
-    s.add_argument("--architecture", choices=("transformer", "bilstm", "cnn", "cellcnn"), default="transformer",
+    s.add_argument("--architecture", choices=("transformer", "bilstm", "cnn", "cellcnn", "tinytransformer"), default="transformer",
                    help="transformer: the teacher's own family (blocks copied or random); bilstm (Tang et al.), "
-                        "cnn (Kim) or cellcnn (a searched AdaBERT-style cell): small classifiers on the teacher's "
+                        "cnn (Kim), cellcnn (a searched AdaBERT-style cell) or tinytransformer (the search's "
+                        "transformer family): small classifiers on the teacher's "
                         "tokenizer")
     s.add_argument("--architecture-config", default=None,
                    help="a small student's architecture JSON (e.g. `kdcache search`'s DIR/best/architecture.json): "

@@ -49,6 +49,11 @@ def model_shape(model) -> dict[str, Any]:
         shape = {"architecture": "transformer", "layers": config.num_hidden_layers, "hidden_size": config.hidden_size}
     elif hasattr(model, "lstm"):
         shape = {"architecture": "bilstm", "layers": 1, "hidden_size": model.lstm.hidden_size}
+    elif hasattr(model, "cells"):
+        shape = {"architecture": "cellcnn", "layers": len(model.cells), "hidden_size": model.stem.out_channels}
+    elif isinstance(getattr(model, "encoder", None), torch.nn.TransformerEncoder):
+        shape = {"architecture": "tinytransformer", "layers": len(model.encoder.layers),
+                 "hidden_size": model.out.in_features}
     elif hasattr(model, "convs"):
         shape = {"architecture": "cnn", "layers": 1, "hidden_size": sum(c.out_channels for c in model.convs)}
     else:

@@ -80,6 +80,10 @@ def _shape(m: dict[str, Any]) -> str:
         return f"BiLSTM 2 × {m['hidden_size']}"
     if arch == "cnn":
         return f"CNN, {m['hidden_size']} filters"
+    if arch == "cellcnn":
+        return f"cell CNN {m['layers']} × {m['hidden_size']}"
+    if arch == "tinytransformer":
+        return f"tiny transformer {m['layers']} × {m['hidden_size']}"
     return f"{m['layers']} × {m['hidden_size']}"
 
 

@@ -231,8 +231,46 @@ class CellCNNClassifier(nn.Module, PyTorchModelHubMixin, **_CARD):
         return SequenceClassifierOutput(logits=self.out(self.dropout(pooled)))
 
 
+class TinyTransformerClassifier(nn.Module, PyTorchModelHubMixin, **_CARD):
+    """A tiny pre-LN transformer encoder on the teacher's tokenizer: embedding (`embedding_size`,
+    projected to `width` when narrower) + learned positions → `layers` blocks (`heads`, FFN `ffn`) →
+    mean over real tokens → logits. The search's transformer family: trained from cached logits like
+    the CNN/BiLSTM students (not a Hugging Face model: `kdcache search` builds it from a flat config)."""
+
+    def __init__(self, vocab_size: int, num_labels: int = 2, embedding_size: int = 128, width: int = 128,
+                 layers: int = 2, heads: int = 2, ffn: int = 256, dropout: float = 0.1, max_positions: int = 512,
+                 pad_token_id: int = 0, architecture: str = "tinytransformer"):
+        super().__init__()
+        if architecture != "tinytransformer":
+            raise ValueError(f"TinyTransformerClassifier got architecture={architecture!r}")
+        if layers < 1 or heads < 1 or width % heads:
+            raise ValueError(f"width {width} must split into heads {heads} (layers {layers} >= 1)")
+        self.vocab_size, self.num_labels, self.pad_token_id = vocab_size, num_labels, pad_token_id
+        self.embed = nn.Embedding(vocab_size, embedding_size, padding_idx=pad_token_id)
+        self.up = nn.Linear(embedding_size, width) if embedding_size != width else nn.Identity()
+        self.positions = nn.Embedding(max_positions, width)
+        block = nn.TransformerEncoderLayer(width, heads, ffn, dropout, activation="gelu", batch_first=True,
+                                           norm_first=True)
+        # no nested-tensor fast path: the same kernels (and logits) in train and eval, padded or not
+        self.encoder = nn.TransformerEncoder(block, layers, norm=nn.LayerNorm(width), enable_nested_tensor=False)
+        self.out = nn.Linear(width, num_labels)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                **_: Any) -> SequenceClassifierOutput:
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        ids, lengths = _compact(input_ids, mask, self.pad_token_id)
+        ids = ids[:, :self.positions.num_embeddings]
+        lengths = lengths.clamp(min=1, max=ids.shape[1])
+        real = torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]
+        x = self.up(self.embed(ids)) + self.positions(torch.arange(ids.shape[1], device=ids.device))[None]
+        h = self.encoder(x, src_key_padding_mask=~real)
+        pooled = (h * real[..., None]).sum(1) / lengths[:, None].to(h.dtype)
+        return SequenceClassifierOutput(logits=self.out(pooled))
+
+
 SMALL_STUDENTS: dict[str, type[nn.Module]] = {"bilstm": BiLSTMClassifier, "cnn": CNNClassifier,
-                                              "cellcnn": CellCNNClassifier}
+                                              "cellcnn": CellCNNClassifier,
+                                              "tinytransformer": TinyTransformerClassifier}
 
 
 def _small_config(folder: str | Path) -> dict[str, Any] | None:

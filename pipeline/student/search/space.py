@@ -16,7 +16,8 @@ from kdcache.pipeline.student.small import CELL_OPS, SMALL_STUDENTS
 
 DEFAULT_SPACE = Path(__file__).with_name("default_space.yaml")
 FAMILY_KEYS = {"cellcnn": {"channels", "cells", "nodes", "ops", "dropout"},
-               "cnn": {"filters", "kernel_sizes", "dropout"}, "bilstm": {"hidden", "dense", "dropout"}}
+               "cnn": {"filters", "kernel_sizes", "dropout"}, "bilstm": {"hidden", "dense", "dropout"},
+               "tinytransformer": {"layers", "width", "heads", "ffn", "dropout"}}
 TOP_KEYS = {"families", "embedding_size", "loss", "train", *FAMILY_KEYS}
 LOSS_KEYS, TRAIN_KEYS = {"alpha", "distill", "temperature"}, {"steps", "report_every", "batch_size", "lr"}
 
@@ -51,6 +52,11 @@ def load_space(path: str | Path | None = None) -> dict[str, Any]:
     bad = [o for o in ops if o not in CELL_OPS]
     if bad:
         raise ValueError(f"--space {where}: cellcnn op {bad[0]!r} is not one of {', '.join(CELL_OPS)}")
+    tt = merged["tinytransformer"]
+    bad = [(w, h) for w in _choices(tt["width"]) for h in _choices(tt["heads"]) if int(w) % int(h)]
+    if bad:  # the flat space draws width and heads independently: every pair must split
+        raise ValueError(f"--space {where}: tinytransformer width {bad[0][0]} does not split into {bad[0][1]} heads; "
+                         "pick widths that every heads choice divides")
     if int(merged["train"]["report_every"]) > int(merged["train"]["steps"]):
         raise ValueError(f"--space {where}: train.report_every is larger than train.steps")
     return merged

@@ -14,15 +14,16 @@ from kdcache.pipeline.cli.main import main
 from kdcache.pipeline.student.search.run import hypervolume, pareto_front
 from kdcache.pipeline.student.search.space import architecture, load_space, tune_space
 from kdcache.pipeline.student.search.trial import is_held_out, measure_latency
-from kdcache.pipeline.student.small import CELL_OPS, CellCNNClassifier, load_small_student
+from kdcache.pipeline.student.small import CELL_OPS, SMALL_STUDENTS, CellCNNClassifier, load_small_student
 from tests.support import make_teacher, tiny_corpus
 
 SPACE = """\
-families: [cellcnn, cnn, bilstm]
+families: [cellcnn, cnn, bilstm, tinytransformer]
 embedding_size: [8, 16]
 cellcnn: {channels: [8, 12], cells: [1, 2], nodes: 2}
 cnn: {filters: [8], kernel_sizes: [[2, 3], [3, 4, 5]]}
 bilstm: {hidden: [8], dense: [8]}
+tinytransformer: {layers: [1, 2], width: [8], heads: [2], ffn: [16]}
 loss: {alpha: [0.0, 0.5], distill: [mse, kl], temperature: [1.0, 2.0]}
 train: {steps: 30, report_every: 10, batch_size: 8, lr: [1.0e-3, 3.0e-3]}
 """
@@ -73,6 +74,18 @@ def test_space_file_is_checked_and_flattened(tmp_path):
     CellCNNClassifier(vocab_size=20, **{k: v for k, v in arch.items() if k != "architecture"})
     cfg["family"] = "cnn"
     assert architecture(cfg, space)["kernel_sizes"] == [3, 4, 5]
+    # every family of the default space, at its first and last choices, builds and predicts
+    default = load_space(None)
+    flat = tune_space(default)
+    for pick in (0, -1):
+        cfg = {k: (v.categories[pick] if hasattr(v, "categories") else v) for k, v in flat.items()}
+        for fam in default["families"]:
+            arch = {k: v for k, v in architecture({**cfg, "family": fam}, default).items() if k != "architecture"}
+            model = SMALL_STUDENTS[fam](vocab_size=30, **arch)
+            assert model(torch.tensor([[5, 6, 7]])).logits.shape == (1, 2)
+    (tmp_path / "heads.yaml").write_text("tinytransformer: {width: [96, 64], heads: [3]}\n")
+    with pytest.raises(ValueError, match="width 64 does not split into 3 heads"):
+        load_space(tmp_path / "heads.yaml")
     (tmp_path / "bad.yaml").write_text("cellcnn: {ops: [conv3, sepconv3]}\n")
     with pytest.raises(ValueError, match="cellcnn op 'sepconv3'"):
         load_space(tmp_path / "bad.yaml")

@@ -13,7 +13,8 @@ import torch
 from kdcache.pipeline.student.config import load_train_config
 from kdcache.pipeline.student.losses import logit_mse
 from kdcache.pipeline.student.presets import tang
-from kdcache.pipeline.student.small import (BiLSTMClassifier, CellCNNClassifier, CNNClassifier, init_small_student, load_small_student,
+from kdcache.pipeline.student.small import (SMALL_STUDENTS, BiLSTMClassifier, CellCNNClassifier, CNNClassifier,
+                                            TinyTransformerClassifier, init_small_student, load_small_student,
                                             param_counts)
 from kdcache.pipeline.student.terms import CompositeLoss
 from kdcache.pipeline.student.trainer import train, validate
@@ -32,6 +33,8 @@ MODELS = {
     "cellcnn": lambda: CellCNNClassifier(vocab_size=60, num_labels=3, embedding_size=12, channels=6, cells=2, genotype=[
         [["conv3", 0], ["conv5", 1]], [["conv7", 2], ["dilconv3", 1]], [["dilconv5", 3], ["dilconv7", 0]],
         [["maxpool3", 4], ["avgpool3", 2]], [["identity", 5], ["avgpool3", 0]]]),
+    "tinytransformer": lambda: TinyTransformerClassifier(vocab_size=60, num_labels=3, embedding_size=12, width=8,
+                                                         layers=2, heads=2, ffn=16, dropout=0.0),
 }
 
 
@@ -80,7 +83,7 @@ def test_save_and_load_in_one_call_predict_identically(name, tmp_path):
     ids, mask = _batch(_rows(seed=3))
     model.save_pretrained(str(tmp_path / name))
     config = json.loads((tmp_path / name / "config.json").read_text())
-    assert config["architecture"] in ("bilstm", "cnn", "cellcnn") and (tmp_path / name / "model.safetensors").is_file()
+    assert config["architecture"] in SMALL_STUDENTS and (tmp_path / name / "model.safetensors").is_file()
     for loaded in (load_small_student(tmp_path / name), type(model).from_pretrained(str(tmp_path / name)).eval()):
         with torch.no_grad():
             assert torch.equal(loaded(ids, mask).logits, model(ids, mask).logits)
