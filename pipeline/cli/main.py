@@ -114,11 +114,13 @@ def cmd_bench_cache(args) -> int:
 
 def cmd_demo(args) -> int:
     if args.llm:
-        from kdcache.pipeline.demos.llm import run_llm_demo as run
-    else:
-        from kdcache.pipeline.demos.tinybert import run_demo as run
+        from kdcache.pipeline.demos.llm import run_llm_demo
 
-    report = run(args.quick, args.out)
+        report = run_llm_demo(args.quick, args.out)
+    else:
+        from kdcache.pipeline.demos.tinybert import run_demo
+
+        report = run_demo(args.quick, args.out, ablations=args.ablations)
     if args.json:
         print_json(report)
     return 0
@@ -233,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="output folder (default runs/demo or runs/demo-quick)")
     s.add_argument("--llm", action="store_true",
                    help="the LLM pretraining-distillation demo instead (SmolLM2-135M, top-k vs RS-KD targets)")
+    s.add_argument("--ablations", action="store_true",
+                   help="also train the low-resource students' ablations (no augmentation; random embeddings): "
+                        "4 more runs")
     s.add_argument("--json", action="store_true", help="print the summary as one JSON object (last line)")
     s.set_defaults(func=cmd_demo)
 

@@ -12,7 +12,8 @@ def cmd_search(args) -> int:
                          scheduler=args.scheduler, search=args.search, metric=args.metric,
                          latency_target_ms=args.latency_target_ms, penalty=args.penalty,
                          dev_cache=args.dev_cache or "", holdout=args.holdout, embeddings=args.embeddings or "",
-                         final_top=args.final_top, final_seeds=args.final_seeds, seed=args.seed, address=args.address)
+                         final_top=args.final_top, final_seeds=args.final_seeds, seed=args.seed, address=args.address,
+                         eval_task=args.eval_task or "", eval_teacher=args.eval_teacher or "")
     with run_console(args.out, say_where=print):
         try:
             summary = search(opts)
@@ -28,7 +29,12 @@ def cmd_search(args) -> int:
           f"{b['dev_accuracy']:.4f}, {b['latency_ms']:.2f} ms per batch of 32, {b['params']:,} parameters")
     for f in summary["final"]:
         print(f"  retrained {f['trial_id']} ({f['family']}): dev accuracy {f['dev_accuracy_mean']:.4f} "
-              f"± {f['dev_accuracy_spread']:.4f} over {f['seeds']} seeds")
+              f"± {f['dev_accuracy_spread']:.4f} over {f['seeds']} seeds"
+              + (f"; test accuracy {f['test_accuracy_mean']:.4f} ± {f['test_accuracy_spread']:.4f} "
+                 f"({f['test_quality_retained']:.1%} of the teacher's), {f['speedup_batch32']:.1f}x its batch-32 "
+                 "throughput" if "test_accuracy_mean" in f else ""))
+    if summary["eval"]:
+        print(f"evaluation report: {summary['eval']['report']}")
     print(f"front: {summary['front_png']}; best architecture: {b['folder']}/architecture.json "
           f"(kdcache init-student --architecture-config ...); trials: {summary['trials_jsonl']}")
     return 0
@@ -56,6 +62,11 @@ def register(subparsers) -> None:
                         "(PCA-projected per trial) and tokenizer every trial starts from (default: random tables)")
     s.add_argument("--final-top", type=int, default=2, help="candidates retrained at the end (default 2; 0 = none)")
     s.add_argument("--final-seeds", type=int, default=3, help="seeds per retrained candidate (default 3)")
+    s.add_argument("--eval-task", default=None,
+                   help="after the search: `kdcache eval` of the retrained students on this task (rotten-tomatoes "
+                        "or a JSONL file with text/label) -> DIR/eval/report.md; needs --eval-teacher")
+    s.add_argument("--eval-teacher", default=None,
+                   help="the teacher the evaluation compares with (loaded after the search only, never by a trial)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
     s.add_argument("--json", action="store_true", help="print the summary as one JSON object (last line)")

@@ -35,8 +35,9 @@ def transfer_set(train_rows: list[dict], path: Path, n_iter: int, seed: int = 0)
 
 
 def train_small_students(root: Path, task_teacher: Path, transfer_cache: Path, original_cache: Path,
-                         p: dict[str, Any], train: Callable[..., Path], log) -> dict[str, list[Path]]:
-    """Every small-student run of the demo; returns {row name: [trained student folder per seed]}."""
+                         p: dict[str, Any], train_many: Callable[..., list[Path]], log) -> dict[str, list[Path]]:
+    """Every small-student run of the demo, trained side by side by `train_many(log, jobs)`; returns
+    {row name: [trained student folder per seed]}."""
     from kdcache.pipeline.student.small import init_small_student
 
     def student(arch: str, seed: int, embedding_init: str = "teacher") -> Path:
@@ -46,22 +47,26 @@ def train_small_students(root: Path, task_teacher: Path, transfer_cache: Path, o
                                **SHAPES[arch])
         return folder
 
-    def run(arch: str, name: str, seed: int, cache: Path, init: Path, overrides: list[str] | None = None) -> Path:
-        return train(log, arch, cache=str(cache), student=str(init), out=str(root / "small" / f"{name}-seed{seed}"),
-                     steps=p["steps"], batch_size=p["batch_size"], seed=seed, overrides=overrides or [])
+    rows: list[str] = []
+    jobs: list[tuple[str, dict[str, Any]]] = []
 
-    runs: dict[str, list[Path]] = {}
+    def run(arch: str, row: str, name: str, seed: int, cache: Path, init: Path, overrides: list[str] | None = None):
+        rows.append(row)
+        jobs.append((arch, {"cache": str(cache), "student": str(init), "out": str(root / "small" / f"{name}-seed{seed}"),
+                            "steps": p["steps"], "batch_size": p["batch_size"], "seed": seed,
+                            "overrides": overrides or []}))
+
     for arch in SHAPES:
-        for seed in range(p["seeds"]):
-            log(f"   {arch} seed {seed}: distilled on the transfer set, then the no-KD baseline")
-            runs.setdefault(arch, []).append(run(arch, arch, seed, transfer_cache, student(arch, seed)))
-            runs.setdefault(f"{arch} baseline (no KD)", []).append(
-                run(arch, f"{arch}-baseline", seed, original_cache, student(arch, seed), ["preset_args.alpha=1.0"]))
-        if p["ablations"]:
-            log(f"   {arch} ablations: no augmentation; random embeddings")
-            runs[f"{arch} KD without augmentation"] = [run(arch, f"{arch}-noaug", 0, original_cache, student(arch, 0))]
-            runs[f"{arch} random embeddings"] = [run(arch, f"{arch}-randemb", 0, transfer_cache,
-                                                     student(arch, 0, "random"))]
+        for seed in range(p["seeds"]):  # distilled on the transfer set, and the no-KD baseline
+            run(arch, arch, arch, seed, transfer_cache, student(arch, seed))
+            run(arch, f"{arch} baseline (no KD)", f"{arch}-baseline", seed, original_cache, student(arch, seed),
+                ["preset_args.alpha=1.0"])
+        if p["ablations"]:  # no augmentation; random embeddings
+            run(arch, f"{arch} KD without augmentation", f"{arch}-noaug", 0, original_cache, student(arch, 0))
+            run(arch, f"{arch} random embeddings", f"{arch}-randemb", 0, transfer_cache, student(arch, 0, "random"))
+    runs: dict[str, list[Path]] = {}
+    for row, folder in zip(rows, train_many(log, jobs)):
+        runs.setdefault(row, []).append(folder)
     return runs
 
 

@@ -11,7 +11,9 @@
    losses, then on the logits. A baseline of the same shape is fine-tuned on the gold labels only.
 3. Low-resource students (`demos/small_students.py`, Tang et al. 2019): the task teacher scores Tang's
    augmented transfer set in one logits-only pass; BiLSTM and CNN students (3 seeds in the default
-   profile) train from that cache, each beside a no-KD baseline, plus two ablations.
+   profile) train from that cache, each beside a no-KD baseline (two ablations with `--ablations`).
+   The searched student (`demos/searched.py`, AdaBERT-style): `kdcache search` over the same cache,
+   Optuna and random search at equal budget; the best candidate retrained with the profile's seeds.
 4. `kdcache eval`: accuracy on the held-out test split, size, CPU latency/throughput, report + plots;
    `students` in the JSON gathers every student's figures and targets.
 
@@ -32,15 +34,19 @@ PROFILES: dict[str, dict[str, Any]] = {
         # task stage: split sizes kept (0 = all), augmented copies of each training text, steps
         "task": {"train": 800, "dev": 200, "test": 400, "augment": 1, "finetune_epochs": 2, "finetune_lr": 1e-4,
                  "intermediate_steps": 25, "pred_steps": 50, "batch_size": 32},
-        # BiLSTM/CNN students (demos/small_students.py): Tang copies per text, seeds, steps, ablations
-        "small": {"n_iter": 4, "seeds": 1, "steps": 150, "batch_size": 64, "ablations": False},
+        # BiLSTM/CNN students (demos/small_students.py): Tang copies per text, seeds, steps (the
+        # ablations are `kdcache demo --ablations`)
+        "small": {"n_iter": 4, "seeds": 1, "steps": 150, "batch_size": 64},
+        # `kdcache search` (demos/searched.py): trials per search (Optuna and random), steps, seeds retrained
+        "search": {"trials": 4, "steps": 60, "report_every": 20, "seeds": 1},
         "eval_rounds": 2,
     },
     "default": {
         "general": {"sequences": 2048, "steps": 400, "batch_size": 32},
         "task": {"train": 0, "dev": 0, "test": 0, "augment": 2, "finetune_epochs": 1, "finetune_lr": 1e-4,
                  "intermediate_steps": 300, "pred_steps": 1500, "batch_size": 32},
-        "small": {"n_iter": 10, "seeds": 3, "steps": 1000, "batch_size": 64, "ablations": True},
+        "small": {"n_iter": 10, "seeds": 3, "steps": 1000, "batch_size": 64},
+        "search": {"trials": 8, "steps": 600, "report_every": 150, "seeds": 3},
         "eval_rounds": 5,
     },
 }
@@ -83,12 +89,9 @@ def _cache(log, **kw) -> dict[str, Any]:
 
 def _train(log, recipe: str, **flags) -> Path:
     from kdcache.pipeline.student.trainer import train
-    from kdcache.pipeline.student.config import load_train_config
 
-    overrides = flags.pop("overrides", None)
-    cfg = load_train_config(recipe, flags={"workers": 1, "checkpoint_every": 100, **flags}, overrides=overrides)
-    done = Path(cfg.out) / "summary.json"
-    if done.exists() and json.loads(done.read_text()).get("steps") == cfg.steps and (Path(cfg.out) / "student").is_dir():
+    cfg = _train_config(recipe, dict(flags))
+    if _finished(cfg):
         # A finished run: skip Ray Train's start-up (~25 s) rather than start it to find nothing to do.
         log(f"   {Path(cfg.out).name}: finished earlier ({cfg.steps} steps), reused")
         return Path(cfg.out) / "student"
@@ -96,17 +99,64 @@ def _train(log, recipe: str, **flags) -> Path:
     return Path(flags["out"]) / "student"
 
 
-def run_demo(quick: bool, out: str | None, log=print) -> dict[str, Any]:
+def _train_config(recipe: str, flags: dict[str, Any]):
+    from kdcache.pipeline.student.config import load_train_config
+
+    overrides = flags.pop("overrides", None)
+    return load_train_config(recipe, flags={"workers": 1, "checkpoint_every": 100, **flags}, overrides=overrides)
+
+
+def _finished(cfg) -> bool:
+    done = Path(cfg.out) / "summary.json"
+    return done.exists() and json.loads(done.read_text()).get("steps") == cfg.steps and (Path(cfg.out) / "student").is_dir()
+
+
+def _train_one_in_process(recipe: str, flags: dict[str, Any]) -> str:
+    from kdcache.pipeline.student.trainer import train
+
+    cfg = _train_config(recipe, {**flags, "no_ray": True, "progress": False})
+    if not _finished(cfg):
+        train(cfg, log=lambda *_: None)
+    return cfg.out
+
+
+def _train_many(log, jobs: list[tuple[str, dict[str, Any]]]) -> list[Path]:
+    """Small-student runs side by side: one Ray task (1 CPU) per run, trained in the task's own
+    process. A Ray Train worker group per run would add ~30 s of start-up to runs of 1-3 minutes,
+    and one at a time would leave the other cores idle. Each run resumes from its checkpoints."""
+    import ray
+
+    from kdcache.pipeline.common import allocator
+
+    env = allocator.worker_env()  # as Ray Train's CPU workers get it (allocator.py: ~10% per step)
+    remote = ray.remote(num_cpus=1, **({"runtime_env": {"env_vars": env}} if env else {}))(_train_one_in_process)
+    pending, reused = {}, 0
+    for recipe, flags in jobs:
+        if _finished(_train_config(recipe, dict(flags))):
+            reused += 1
+        else:
+            pending[remote.remote(recipe, flags)] = Path(flags["out"]).name
+    log(f"   {len(jobs)} runs: {reused} finished earlier, {len(pending)} to train, "
+        f"{int(ray.cluster_resources().get('CPU', 1))} at a time")
+    t0, left = time.perf_counter(), list(pending)
+    while left:
+        done, left = ray.wait(left, num_returns=1)
+        ray.get(done[0])  # a failed run raises here, with its traceback
+        log(f"   {pending[done[0]]}: trained  [{time.perf_counter() - t0:.0f} s]")
+    return [Path(flags["out"]) / "student" for _, flags in jobs]
+
+
+def run_demo(quick: bool, out: str | None, log=print, ablations: bool = False) -> dict[str, Any]:
     """The demo with the terminal kept for kdcache's own lines: Ray's and the libraries' messages go
     to `<out>/kdcache.log` (common.console)."""
     from kdcache.pipeline.common.console import run_console
 
     root = Path(out or ("runs/demo-quick" if quick else "runs/demo")).resolve()
     with run_console(root, say_where=log):
-        return _run_demo(quick, str(root), log)
+        return _run_demo(quick, str(root), log, ablations)
 
 
-def _run_demo(quick: bool, out: str | None, log=print) -> dict[str, Any]:
+def _run_demo(quick: bool, out: str | None, log=print, ablations: bool = False) -> dict[str, Any]:
     from kdcache.pipeline.data import assets
     from kdcache.pipeline.evaluation.evaluate import run_eval
     from kdcache.pipeline.common.runtime import init_ray
@@ -114,19 +164,22 @@ def _run_demo(quick: bool, out: str | None, log=print) -> dict[str, Any]:
     from kdcache.pipeline.student.models import init_student_from_teacher, with_classification_head
     from kdcache.pipeline.tasks.data import augment, prepare_rotten_tomatoes
     from kdcache.pipeline.common.jsonout import read_jsonl, write_jsonl
-    from kdcache.pipeline.demos import small_students
+    from kdcache.pipeline.demos import searched, small_students
     from kdcache.pipeline.evaluation.report import check_targets, write_report
     from kdcache.storage import CacheReader
 
     name = "quick" if quick else "default"
     profile = PROFILES[name]
-    g, t, sm = profile["general"], profile["task"], profile["small"]
+    g, t, sm = profile["general"], profile["task"], {**profile["small"], "ablations": ablations}
     root = Path(out or ("runs/demo-quick" if quick else "runs/demo")).resolve()
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
+    starts: list[tuple[str, float]] = []  # (stage number, start): the JSON's `stage_seconds`
+
     def stage(title: str) -> None:
-        log(f"== {title}  [{time.perf_counter() - t0:.0f} s]")
+        starts.append((title.split()[0], time.perf_counter() - t0))
+        log(f"== {title}  [{starts[-1][1]:.0f} s]")
 
     installed = assets.ensure_assets(["minilm", "wiki", "rotten_tomatoes"])
     if installed:
@@ -174,6 +227,8 @@ def _run_demo(quick: bool, out: str | None, log=print) -> dict[str, Any]:
         augmentation = small_students.transfer_set(train_rows, transfer, sm["n_iter"], seed=0)
         cache_transfer = root / "cache-task-transfer"
         forward_calls += _cache(log, corpus=[str(transfer)], out=str(cache_transfer), **common)["forward_calls"]
+        cache_dev = root / "cache-task-dev"  # the search's dev accuracy: gold labels of the dev split
+        forward_calls += _cache(log, corpus=[str(splits["dev"])], out=str(cache_dev), **common)["forward_calls"]
 
         stage("5/8 task distillation, intermediate layers (the general student + a classification head)")
         task_init = with_classification_head(general, root / "student-task-init", num_labels=2)
@@ -194,7 +249,11 @@ def _run_demo(quick: bool, out: str | None, log=print) -> dict[str, Any]:
                           overrides=["loss_weights.pred=0", "loss_weights.ce=1"])
 
         stage("7/8 low-resource students: BiLSTM and CNN from the transfer-set cache, each with a no-KD baseline")
-        small = small_students.train_small_students(root, task_teacher, cache_transfer, cache_inter, sm, _train, log)
+        small = small_students.train_small_students(root, task_teacher, cache_transfer, cache_inter, sm, _train_many,
+                                                     log)
+
+        stage("7b/8 architecture search over the same cache (kdcache search): Optuna vs random, equal budget")
+        searches = searched.run_searches(root, cache_transfer, cache_dev, task_teacher, profile["search"], log)
     finally:
         if started_ray:
             import ray
@@ -207,13 +266,22 @@ def _run_demo(quick: bool, out: str | None, log=print) -> dict[str, Any]:
     # The quick profile evaluates on the first examples of the same fixed test split.
     task = "rotten-tomatoes" if not limits["test"] else str(splits["test"])
     timed = {name: str(small[name][0]) for arch in small_students.SHAPES for name in (arch, f"{arch} baseline (no KD)")}
+    timed["searched"] = searches["optuna"]["summary"]["final"][0]["students"][0]
     flat = run_eval(str(task_teacher), {"student": str(student), **timed}, task, root / "report",
                     baseline=str(baseline), runs={k: str(v) for k, v in runs.items()}, data_dir=root / "data",
                     targets=TARGETS, rounds=profile["eval_rounds"], log=log)
     from kdcache.pipeline.evaluation.evaluate import task_rows
 
-    students, section = small_students.summarize(flat["models"], small, task_rows(task, root / "data"), augmentation)
-    write_report(root / "report", flat, {k: str(v) for k, v in runs.items()}, targets=TARGETS, extra=section)
+    rows = task_rows(task, root / "data")
+    students, section = small_students.summarize(flat["models"], small, rows, augmentation)
+    students["searched"], search_section = searched.summarize(
+        flat["models"], searches, {arch: small[arch] for arch in small_students.SHAPES}, rows, root / "report")
+    notice = "" if not quick else (
+        "**Quick profile: a smoke test.** Its runs are a few dozen steps, too short to compare quality: students "
+        "and their no-KD baselines may tie or trail, and the targets below are reported, not expected to be met. "
+        "`kdcache demo` (the default profile) gives the figures.")
+    write_report(root / "report", flat, {k: str(v) for k, v in runs.items()}, targets=TARGETS,
+                 extra=section + "\n\n" + search_section, notice=notice)
     students = {"tinybert": {"params": flat["student_params"], "speedup_batch1": flat["speedup_batch1"],
                              "speedup_batch32": flat["speedup_batch32"], "quality_retained": flat["quality_retained"],
                              "baseline_quality_retained": flat["baseline_quality_retained"],
@@ -222,7 +290,7 @@ def _run_demo(quick: bool, out: str | None, log=print) -> dict[str, Any]:
     general_reader = CacheReader(str(cache_general), verify="off")
     report = {
         **{k: v for k, v in flat.items() if k != "models"},
-        "profile": name, "out": str(root), "teacher": "all-MiniLM-L6-v2 (fine-tuned on Rotten Tomatoes)",
+        "profile": name, "smoke_test": quick, "out": str(root), "teacher": "all-MiniLM-L6-v2 (fine-tuned on Rotten Tomatoes)",
         "teacher_dev_accuracy": ft["dev_accuracy"],
         "general_student_params": _params(general),
         "cache_general_tokens": general_reader.manifest.tokens, "cache_general_bytes": general_reader.manifest.bytes,
@@ -232,8 +300,10 @@ def _run_demo(quick: bool, out: str | None, log=print) -> dict[str, Any]:
         "models": flat["models"],
         "seconds": time.perf_counter() - t0,
     }
+    ends = [t for _, t in starts[1:]] + [report["seconds"]]
+    report["stage_seconds"] = {name: round(end - start, 1) for (name, start), end in zip(starts, ends)}
     log("")
-    log(Path(flat["report"]).read_text().split("## Plots")[0].rstrip())
+    log(Path(flat["report"]).read_text().split("## Plots")[0].split("![search front]")[0].rstrip())
     log(f"\nreport: {flat['report']}")
     (root / "demo.json").write_text(json.dumps(report, indent=1) + "\n")
     return report

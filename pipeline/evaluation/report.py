@@ -119,11 +119,11 @@ def check_targets(flat: dict[str, Any], targets: dict[str, float]) -> list[tuple
 
 
 def write_report(out: Path, flat: dict[str, Any], runs: dict[str, str], targets: dict | None = None,
-                 extra: str = "") -> Path:
+                 extra: str = "", notice: str = "") -> Path:
     models = flat["models"]
     plot_bars(models, out / "size_speed_quality.png", flat.get("metric", "accuracy"))
     plotted = plot_curves(runs, out / "training_curves.png")
-    parts = ["# kdcache evaluation report", "",
+    parts = ["# kdcache evaluation report", "", *([notice, ""] if notice else []),
              f"Task: `{flat['task']}`, {flat['test_examples']:,} held-out test examples (texts).", "",
              f"**{flat['headline']}**", "", _table(models, flat.get("metric", "accuracy")), "",
              "Latency: median at batch 1; throughput: 32 inputs per call; all models measured in "

@@ -29,18 +29,29 @@ def test_demo_quick_runs_both_stages_evaluates_and_reuses_its_work(tmp_path):
     assert report["test_examples"] == 400 and report["teacher_pass_forward_calls"] > 0
     models = report["models"]
     assert set(models) == {"teacher", "student", "baseline", "bilstm", "bilstm baseline (no KD)", "cnn",
-                           "cnn baseline (no KD)"}
+                           "cnn baseline (no KD)", "searched"}
     assert models["student"]["params"] == models["baseline"]["params"]  # same shape
     # The seed's table from one teacher pass: every student keyed, with the same figures.
     students = report["students"]
-    assert set(students) == {"tinybert", "bilstm", "cnn"}
+    assert set(students) == {"tinybert", "bilstm", "cnn", "searched"}
     for name, s in students.items():
         for key in ("params", "speedup_batch1", "speedup_batch32", "quality_retained", "baseline_quality_retained"):
-            assert isinstance(s[key], (int, float)), (name, key)
+            assert isinstance(s[key], (int, float)) or (name, key) == ("searched", "baseline_quality_retained"), \
+                (name, key)
         assert s["targets_met"] and all(isinstance(v, bool) for v in s["targets_met"].values())
     for arch in ("bilstm", "cnn"):
         assert students[arch]["params"] == models[arch]["params"] > models[arch]["params_without_embeddings"]
         assert models[arch]["architecture"] == arch and students[arch]["speedup_batch32"] > 1
+    # the searched student: two 4-trial searches over the transfer-set cache, the best retrained
+    found = students["searched"]
+    assert found["baseline_quality_retained"] is None and found["trials"] == {"optuna": 4, "random": 4}
+    assert set(found["targets_met"]) == {"speedup_batch32", "within_3_points", "on_or_beyond_hand_designed_front",
+                                         "optuna_beats_random"}
+    assert models["searched"]["params"] == found["params"] and found["family"] in ("cellcnn", "cnn", "bilstm",
+                                                                                    "tinytransformer")
+    for search in ("search", "search-random"):
+        assert len((out / search / "trials.jsonl").read_text().splitlines()) == 4
+    assert (out / "report" / "search_front.png").stat().st_size > 0 and report["smoke_test"] is True
     aug = report["augmentation"]
     assert aug["replacer"] == "frequency-band" and aug["originals"] == 800 and aug["augmented"] > 800
     rows = [json.loads(x) for x in (out / "small" / "cnn-seed0" / "metrics.jsonl").read_text().splitlines()]
@@ -55,6 +66,7 @@ def test_demo_quick_runs_both_stages_evaluates_and_reuses_its_work(tmp_path):
     text = (out / "report" / "report.md").read_text()
     assert report["headline"] in text and "keeps" in report["headline"]
     assert "## Low-resource students" in text and "| cnn baseline (no KD) |" in text
+    assert "## Searched student" in text and "Quick profile: a smoke test" in text.split("## Targets")[0]
     assert (out / "report" / "size_speed_quality.png").stat().st_size > 0
     assert (out / "report" / "training_curves.png").stat().st_size > 0
     # Splits are disjoint: no test text was distilled on.
@@ -66,5 +78,5 @@ def test_demo_quick_runs_both_stages_evaluates_and_reuses_its_work(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     again = json.loads(second.stdout.strip().splitlines()[-1])
     assert again["teacher_pass_forward_calls"] == 0 and "no new inference" in second.stdout
-    assert "already fine-tuned" in second.stdout
+    assert "already fine-tuned" in second.stdout and "optuna search: finished earlier, reused" in second.stdout
     assert again["models"]["student"]["accuracy"] == models["student"]["accuracy"]

@@ -133,7 +133,9 @@ def searched(tmp_path_factory):
     out = root / "out"
     rc = main(["search", "--cache", str(root / "cache"), "--space", str(root / "space.yaml"), "--out", str(out),
                "--trials", "4", "--max-concurrent", "2", "--cpus-per-trial", "0.5", "--embeddings", str(root / "table"),
-               "--final-top", "1", "--final-seeds", "2", "--latency-target-ms", "0.5", "--json"])
+               "--final-top", "1", "--final-seeds", "2", "--latency-target-ms", "0.5", "--json",
+               # after the search only: the retrained students beside the teacher (its folder under a new name)
+               "--eval-task", str(corpus), "--eval-teacher", str(root / "aside")])
     assert rc == 0
     return root
 
@@ -161,6 +163,8 @@ def test_search_writes_trials_front_best_and_final(searched):
     assert final["seeds"] == 2 and len(final["dev_accuracy_seeds"]) == 2
     for folder in final["students"]:
         load_small_student(folder)
+    assert len(final["test_accuracy_seeds"]) == 2 and final["speedup_batch32"] > 0
+    assert "| teacher |" in (out / "eval" / "report.md").read_text()
 
 
 def _finished_trials(tune_dir, steps):
