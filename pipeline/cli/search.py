@@ -1,5 +1,9 @@
-"""`kdcache search`: argparse wiring only (the search is kdcache.pipeline.student.search)."""
+"""`kdcache search`: argparse wiring, and `--eval-task` after the search (the search itself is
+kdcache.pipeline.student.search; evaluation sits above the student wing)."""
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 
 def cmd_search(args) -> int:
@@ -7,19 +11,27 @@ def cmd_search(args) -> int:
     from kdcache.pipeline.common.jsonout import print_json
     from kdcache.pipeline.student.search.run import SearchInterrupted, SearchOptions, search
 
+    if bool(args.eval_task) != bool(args.eval_teacher):
+        raise ValueError("--eval-task and --eval-teacher go together: the retrained students are compared with the teacher")
+    if args.eval_task and not args.final_top:
+        raise ValueError("--eval-task evaluates the retrained candidates: keep --final-top above 0")
+
     opts = SearchOptions(cache=args.cache, out=args.out, space=args.space or "", trials=args.trials,
                          max_concurrent=args.max_concurrent, cpus_per_trial=args.cpus_per_trial,
                          scheduler=args.scheduler, search=args.search, metric=args.metric,
                          latency_target_ms=args.latency_target_ms, penalty=args.penalty,
                          dev_cache=args.dev_cache or "", holdout=args.holdout, embeddings=args.embeddings or "",
-                         final_top=args.final_top, final_seeds=args.final_seeds, seed=args.seed, address=args.address,
-                         eval_task=args.eval_task or "", eval_teacher=args.eval_teacher or "")
+                         final_top=args.final_top, final_seeds=args.final_seeds, seed=args.seed, address=args.address)
     with run_console(args.out, say_where=print):
         try:
             summary = search(opts)
         except SearchInterrupted as e:
             print(f"kdcache search: {e}")
             return 130
+        summary["eval"] = None
+        if args.eval_task and summary["final"]:  # the teacher is loaded now, after every trial
+            summary["eval"] = _evaluate(summary["final"], args.eval_task, args.eval_teacher, Path(summary["out"]))
+            Path(summary["out"], "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     if args.json:
         print_json(summary)
         return 0
@@ -38,6 +50,30 @@ def cmd_search(args) -> int:
     print(f"front: {summary['front_png']}; best architecture: {b['folder']}/architecture.json "
           f"(kdcache init-student --architecture-config ...); trials: {summary['trials_jsonl']}")
     return 0
+
+
+def _evaluate(final: list[dict], task: str, teacher: str, out: Path) -> dict:
+    """`kdcache eval` of each retrained candidate (seed 0) beside the teacher: DIR/eval/report.md.
+    The other seeds' test accuracies join each candidate's entry (mean ± spread). Here, not in the
+    student wing: evaluation sits above it (the layers contract in pyproject.toml)."""
+    import statistics
+
+    from kdcache.pipeline.evaluation.evaluate import load_classifier, run_eval, task_rows
+    from kdcache.pipeline.tasks.classify import accuracy
+
+    print(f"evaluating {len(final)} retrained candidate(s) on {task} beside {teacher}")
+    students = {f"{f['trial_id']} ({f['family']})": f["students"][0] for f in final}
+    flat = run_eval(teacher, students, task, out / "eval", data_dir=out / "data")
+    rows = task_rows(task, out / "data")
+    for f, name in zip(final, students):
+        accs = [flat["models"][name]["accuracy"]] + [accuracy(*load_classifier(s), rows) for s in f["students"][1:]]
+        f["test_accuracy_seeds"] = accs
+        f["test_accuracy_mean"] = statistics.fmean(accs)
+        f["test_accuracy_spread"] = max(accs) - min(accs)
+        f["test_quality_retained"] = f["test_accuracy_mean"] / flat["models"]["teacher"]["accuracy"]
+        f["speedup_batch32"] = flat["models"][name]["speedup_batch32"]
+    return {"report": flat["report"], "teacher_accuracy": flat["models"]["teacher"]["accuracy"],
+            "models": flat["models"]}
 
 
 def register(subparsers) -> None:

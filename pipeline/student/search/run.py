@@ -41,8 +41,6 @@ class SearchOptions:
     final_seeds: int = 3
     seed: int = 0
     address: str | None = None
-    eval_task: str = ""  # after the search: `kdcache eval` of the retrained students on this task
-    eval_teacher: str = ""  # the teacher they are compared with (loaded only then, never by a trial)
 
 
 def _searcher(opts: SearchOptions):
@@ -93,10 +91,6 @@ def search(opts: SearchOptions, log: Callable[[str], None] = print) -> dict[str,
                         latency_target_ms=opts.latency_target_ms, penalty=opts.penalty, seed=opts.seed,
                         threads=max(1, int(opts.cpus_per_trial)))
     _check_inputs(setup)
-    if bool(opts.eval_task) != bool(opts.eval_teacher):
-        raise ValueError("--eval-task and --eval-teacher go together: the retrained students are compared with the teacher")
-    if opts.eval_task and not opts.final_top:
-        raise ValueError("--eval-task evaluates the retrained candidates: keep --final-top above 0")
     started = init_ray(opts.address)
     try:
         trainable = tune.with_resources(tune.with_parameters(tune_trial, setup=setup_dict(setup)),
@@ -138,37 +132,15 @@ def search(opts: SearchOptions, log: Callable[[str], None] = print) -> dict[str,
     finally:
         if started:
             ray.shutdown()
-    evaluated = _evaluate(final, opts, out, log) if opts.eval_task and final else None
     summary = {"out": str(out), "trials": len(trials), "completed": sum(t["status"] == "TERMINATED" for t in trials),
                "stopped_early": sum(bool(t.get("stopped_early")) for t in trials),
                "errored": sum(t["status"] == "ERROR" for t in trials), "search": opts.search,
                "scheduler": opts.scheduler, "metric": opts.metric, "best": best,
                "front": [{k: t[k] for k in ("trial_id", "family", "dev_accuracy", "latency_ms")} for t in front],
-               "final": final, "eval": evaluated, "trials_jsonl": str(out / "trials.jsonl"),
+               "final": final, "trials_jsonl": str(out / "trials.jsonl"),
                "front_png": str(out / "front.png")}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
-
-
-def _evaluate(final: list[dict[str, Any]], opts: SearchOptions, out: Path, log) -> dict[str, Any]:
-    """`kdcache eval` of each retrained candidate (seed 0) beside the teacher: DIR/eval/report.md.
-    The other seeds' test accuracies join each candidate's entry (mean ± spread)."""
-    from kdcache.pipeline.evaluation.evaluate import load_classifier, run_eval, task_rows
-    from kdcache.pipeline.tasks.classify import accuracy
-
-    log(f"evaluating {len(final)} retrained candidate(s) on {opts.eval_task} beside {opts.eval_teacher}")
-    students = {f"{f['trial_id']} ({f['family']})": f["students"][0] for f in final}
-    flat = run_eval(opts.eval_teacher, students, opts.eval_task, out / "eval", data_dir=out / "data", log=log)
-    rows = task_rows(opts.eval_task, out / "data")
-    for f, name in zip(final, students):
-        accs = [flat["models"][name]["accuracy"]] + [accuracy(*load_classifier(s), rows) for s in f["students"][1:]]
-        f["test_accuracy_seeds"] = accs
-        f["test_accuracy_mean"] = statistics.fmean(accs)
-        f["test_accuracy_spread"] = max(accs) - min(accs)
-        f["test_quality_retained"] = f["test_accuracy_mean"] / flat["models"]["teacher"]["accuracy"]
-        f["speedup_batch32"] = flat["models"][name]["speedup_batch32"]
-    return {"report": flat["report"], "teacher_accuracy": flat["models"]["teacher"]["accuracy"],
-            "models": flat["models"]}
 
 
 def _check_inputs(setup: SearchSetup) -> None:
