@@ -14,6 +14,9 @@ ROOT = Path(__file__).resolve().parents[3]
 
 @pytest.mark.slow
 @pytest.mark.ray
+# two demo runs: 702 s on a quiet 2-core machine (docs/performance.md); the suite's 900 s default
+# would fail a slower machine of the same kind
+@pytest.mark.timeout(2400)
 def test_demo_quick_runs_both_stages_evaluates_and_reuses_its_work(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     out = tmp_path / "demo"
