@@ -10,29 +10,25 @@ timed by `kdcache eval` beside the teacher and the hand-designed students.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 SPEEDUP = 20.0  # AdaBERT's claim: ~20x faster, within 2-3 points
 TARGETS = {"speedup_batch32": SPEEDUP, "points_below_teacher": 0.03}
 
 
-def _threads(n: int):
-    import contextlib
-
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
     import torch
 
-    @contextlib.contextmanager
-    def scope():
-        before = torch.get_num_threads()
-        torch.set_num_threads(n)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
-
-    return scope()
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def dev_measure(folder: Path, dev: dict, batch: int = 32) -> dict[str, float]:

@@ -225,23 +225,11 @@ def fit_candidate(arch: dict[str, Any], train: dict[str, Any], setup: SearchSetu
                     torch.save({"student": c.student.state_dict(), "loss_fn": c.loss_fn.state_dict(),
                                 "optimizer": c.optimizer.state_dict(), "scheduler": c.scheduler.state_dict(),
                                 "step": step, "epoch": epoch, "rows": rows}, folder / "state.pt")
-                    save_student(c.student, init, folder / "student")
+                    save_small_student(c.student, folder / "student", init, record)
                     report(metrics, folder)
             elif step == train["steps"]:
-                save_student(c.student, init, workdir / "student")
+                save_small_student(c.student, workdir / "student", init, record)
     return metrics
-
-
-def save_student(model: torch.nn.Module, init: Path, dest: Path) -> None:
-    """The trained student as a loadable folder: weights and config, and the initial folder's
-    tokenizer files and record."""
-    import shutil
-
-    dest.mkdir(parents=True, exist_ok=True)
-    for f in init.iterdir():
-        if f.is_file() and f.name not in ("config.json", "model.safetensors"):
-            shutil.copy2(f, dest / f.name)
-    model.save_pretrained(str(dest))
 
 
 def tune_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
