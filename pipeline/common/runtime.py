@@ -25,7 +25,9 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> bool:
         ray.init(address=address, log_to_driver=True)
         log.info("joined the Ray cluster at %s (%s CPUs)", address, ray.cluster_resources().get("CPU", 0))
         return False
-    ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=True,
+    # address="local": a bare ray.init() would silently join the latest `ray start` cluster on this
+    # machine (Ray reads /tmp/ray/ray_current_cluster); joining one is what --address / RAY_ADDRESS are for
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=True,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE":
                                        os.environ.get("HF_HUB_OFFLINE", "0")}})
     log.info("started a local Ray cluster (%s CPUs)", ray.cluster_resources().get("CPU", 0))

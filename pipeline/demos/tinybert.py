@@ -17,6 +17,10 @@
 4. `kdcache eval`: accuracy on the held-out test split, size, CPU latency/throughput, report + plots;
    `students` in the JSON gathers every student's figures and targets.
 
+A Ray Train worker on a CPU gets one core, so work that does not depend on the running stage fills
+the other one: the task teacher's fine-tuning (3) runs as a Ray task beside the general training (2),
+and the baseline (6b) beside the two task-distillation stages (5-6).
+
 Every stage is resumable: caches skip committed shards, runs resume from their checkpoints, the
 fine-tuned teacher is reused; a second run of the same command does no teacher inference.
 """
@@ -32,13 +36,13 @@ PROFILES: dict[str, dict[str, Any]] = {
         # general stage: sequences of 128 tokens cached / optimiser steps / rows per step
         "general": {"sequences": 256, "steps": 40, "batch_size": 16},
         # task stage: split sizes kept (0 = all), augmented copies of each training text, steps
-        "task": {"train": 800, "dev": 200, "test": 400, "augment": 1, "finetune_epochs": 2, "finetune_lr": 1e-4,
+        "task": {"train": 800, "dev": 200, "test": 400, "augment": 1, "finetune_epochs": 1, "finetune_lr": 1e-4,
                  "intermediate_steps": 25, "pred_steps": 50, "batch_size": 32},
         # BiLSTM/CNN students (demos/small_students.py): Tang copies per text, seeds, steps (the
         # ablations are `kdcache demo --ablations`)
-        "small": {"n_iter": 4, "seeds": 1, "steps": 150, "batch_size": 64},
+        "small": {"n_iter": 2, "seeds": 1, "steps": 100, "batch_size": 64},
         # `kdcache search` (demos/searched.py): trials per search (Optuna and random), steps, seeds retrained
-        "search": {"trials": 4, "steps": 60, "report_every": 20, "seeds": 1},
+        "search": {"trials": 4, "steps": 40, "report_every": 20, "seeds": 1},
         "eval_rounds": 2,
     },
     "default": {
@@ -121,9 +125,15 @@ def _train_one_in_process(recipe: str, flags: dict[str, Any]) -> str:
 
 
 def _train_many(log, jobs: list[tuple[str, dict[str, Any]]]) -> list[Path]:
-    """Small-student runs side by side: one Ray task (1 CPU) per run, trained in the task's own
-    process. A Ray Train worker group per run would add ~30 s of start-up to runs of 1-3 minutes,
-    and one at a time would leave the other cores idle. Each run resumes from its checkpoints."""
+    """Small-student runs side by side (`_start_runs`), waited for; each resumes from its checkpoints."""
+    _wait_runs(log, _start_runs(log, jobs))
+    return [Path(flags["out"]) / "student" for _, flags in jobs]
+
+
+def _start_runs(log, jobs: list[tuple[str, dict[str, Any]]]) -> dict[Any, str]:
+    """Start runs as Ray tasks (1 CPU each), trained in the task's own process. A Ray Train worker
+    group per run would add ~30 s of start-up to runs of 1-3 minutes, and a 1-CPU Ray Train worker
+    leaves the other core idle; runs finished earlier are skipped. Returns {task: run name}."""
     import ray
 
     from kdcache.pipeline.common import allocator
@@ -136,14 +146,33 @@ def _train_many(log, jobs: list[tuple[str, dict[str, Any]]]) -> list[Path]:
             reused += 1
         else:
             pending[remote.remote(recipe, flags)] = Path(flags["out"]).name
-    log(f"   {len(jobs)} runs: {reused} finished earlier, {len(pending)} to train, "
-        f"{int(ray.cluster_resources().get('CPU', 1))} at a time")
+    log(f"   {len(jobs)} run(s): {reused} finished earlier, {len(pending)} to train as Ray tasks, "
+        f"{int(ray.cluster_resources().get('CPU', 1))} CPUs")
+    return pending
+
+
+def _wait_runs(log, pending: dict[Any, str]) -> None:
+    import ray
+
     t0, left = time.perf_counter(), list(pending)
     while left:
         done, left = ray.wait(left, num_returns=1)
         ray.get(done[0])  # a failed run raises here, with its traceback
         log(f"   {pending[done[0]]}: trained  [{time.perf_counter() - t0:.0f} s]")
-    return [Path(flags["out"]) / "student" for _, flags in jobs]
+
+
+def _finetune_task(teacher: str, train_rows: list[dict], dev_rows: list[dict], out: str, kw: dict[str, Any],
+                   threads: int):
+    """The task teacher's fine-tuning in a Ray task beside a 1-CPU Ray Train worker; returns its
+    summary and the lines it would have printed. It reserves 1 CPU but runs `threads` threads: one
+    thread alone took 2.2x as long per step here, and the fine-tuning outlasts the run beside it."""
+    import torch
+
+    from kdcache.pipeline.tasks.finetune import finetune_classifier
+
+    torch.set_num_threads(threads)
+    lines: list[str] = []
+    return finetune_classifier(teacher, train_rows, dev_rows, out, log=lines.append, **kw), lines
 
 
 def run_demo(quick: bool, out: str | None, log=print, ablations: bool = False) -> dict[str, Any]:
@@ -196,7 +225,23 @@ def _run_demo(quick: bool, out: str | None, log=print, ablations: bool = False) 
             out=str(cache_general), mode="pack", max_length=128, top_k=0, hidden_layers="0,2,4,6",
             attention_layers="2,4,6", attention_dtype="uint8", max_sequences=g["sequences"])["forward_calls"]
 
-        stage("2/8 general distillation from the cache (Ray Train): embedding + hidden + attention losses")
+        stage("2/8 general distillation from the cache (Ray Train): embedding + hidden + attention losses; "
+              "stage 3 beside it")
+        limits = {"train": t["train"], "dev": t["dev"], "test": t["test"]}
+        splits = prepare_rotten_tomatoes(root / "data", limits)
+        train_rows = read_jsonl(splits["train"])
+        task_teacher = root / "teacher-rt"
+        ft_kw = dict(epochs=t["finetune_epochs"], lr=t["finetune_lr"], max_length=MAX_LENGTH_TASK)
+        # The 1-CPU Ray Train worker leaves a core idle: the task teacher's fine-tuning (stage 3, which
+        # needs nothing from stages 1-2) runs there meanwhile.
+        finetuning = None
+        if not (task_teacher / "finetune.json").exists():
+            import ray
+
+            log("   stage 3 (the task teacher's fine-tuning) runs beside it, as a Ray task (1 CPU)")
+            finetuning = ray.remote(num_cpus=1)(_finetune_task).remote(
+                str(teacher), train_rows, read_jsonl(splits["dev"]), str(task_teacher), ft_kw,
+                max(1, int(ray.cluster_resources().get("CPU", 1))))
         student_init = root / "student-init"
         if not (student_init / "config.json").exists():
             init_student_from_teacher(str(teacher), str(student_init), seed=0, **STUDENT_SHAPE)
@@ -204,12 +249,14 @@ def _run_demo(quick: bool, out: str | None, log=print, ablations: bool = False) 
                          out=str(root / "general"), steps=g["steps"], batch_size=g["batch_size"], lr=5e-4)
 
         stage("3/8 task teacher: fine-tune all-MiniLM-L6-v2 on Rotten Tomatoes (fixed split)")
-        limits = {"train": t["train"], "dev": t["dev"], "test": t["test"]}
-        splits = prepare_rotten_tomatoes(root / "data", limits)
-        train_rows = read_jsonl(splits["train"])
-        task_teacher = root / "teacher-rt"
-        ft = finetune_classifier(teacher, train_rows, read_jsonl(splits["dev"]), task_teacher,
-                                 epochs=t["finetune_epochs"], lr=t["finetune_lr"], max_length=MAX_LENGTH_TASK, log=log)
+        if finetuning is not None:
+            import ray
+
+            ft, lines = ray.get(finetuning)
+            for line in lines:
+                log(f"   {line}")
+        else:
+            ft = finetune_classifier(teacher, train_rows, read_jsonl(splits["dev"]), task_teacher, log=log, **ft_kw)
 
         stage("4/8 task teacher passes: hidden/attention on the training split, logits on it + augmented copies, "
               "logits on Tang's transfer set")
@@ -230,7 +277,14 @@ def _run_demo(quick: bool, out: str | None, log=print, ablations: bool = False) 
         cache_dev = root / "cache-task-dev"  # the search's dev accuracy: gold labels of the dev split
         forward_calls += _cache(log, corpus=[str(splits["dev"])], out=str(cache_dev), **common)["forward_calls"]
 
-        stage("5/8 task distillation, intermediate layers (the general student + a classification head)")
+        stage("5/8 task distillation, intermediate layers (the general student + a classification head); "
+              "stage 6b beside stages 5-6")
+        # the baseline needs nothing from stages 5-6: it trains on the other core meanwhile
+        base_init = with_classification_head(student_init, root / "baseline-init", num_labels=2)
+        beside = _start_runs(log, [("tinybert-task", dict(
+            cache=str(cache_inter), student=str(base_init), out=str(root / "baseline"),
+            steps=t["intermediate_steps"] + t["pred_steps"], batch_size=t["batch_size"], lr=5e-4, shuffle=True,
+            overrides=["loss_weights.pred=0", "loss_weights.ce=1"]))])
         task_init = with_classification_head(general, root / "student-task-init", num_labels=2)
         inter = _train(log, "tinybert-task", cache=str(cache_inter), student=str(task_init),
                        out=str(root / "task-intermediate"), steps=t["intermediate_steps"], batch_size=t["batch_size"],
@@ -242,11 +296,8 @@ def _run_demo(quick: bool, out: str | None, log=print, ablations: bool = False) 
                          shuffle=True)
 
         stage("6b/8 baseline: the same shape, same init, fine-tuned on the gold labels without distillation")
-        base_init = with_classification_head(student_init, root / "baseline-init", num_labels=2)
-        baseline = _train(log, "tinybert-task", cache=str(cache_inter), student=str(base_init),
-                          out=str(root / "baseline"), steps=t["intermediate_steps"] + t["pred_steps"],
-                          batch_size=t["batch_size"], lr=5e-4, shuffle=True,
-                          overrides=["loss_weights.pred=0", "loss_weights.ce=1"])
+        _wait_runs(log, beside)
+        baseline = root / "baseline" / "student"
 
         stage("7/8 low-resource students: BiLSTM and CNN from the transfer-set cache, each with a no-KD baseline")
         small = small_students.train_small_students(root, task_teacher, cache_transfer, cache_inter, sm, _train_many,

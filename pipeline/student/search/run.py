@@ -107,7 +107,11 @@ def search(opts: SearchOptions, log: Callable[[str], None] = print) -> dict[str,
                 trainable, param_space=tune_space(space),
                 tune_config=tune.TuneConfig(metric=opts.metric, mode="max", search_alg=_searcher(opts),
                                             scheduler=_scheduler(opts, space), num_samples=opts.trials,
-                                            max_concurrent_trials=concurrent),
+                                            max_concurrent_trials=concurrent,
+                                            # a finished trial's worker takes the next trial: its imports
+                                            # (~10 s: torch, the optimiser's dynamo import), the token table
+                                            # and the dev rows are already in memory
+                                            reuse_actors=True),
                 run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=0,
                                           checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                           failure_config=tune.FailureConfig(max_failures=1)))
@@ -262,6 +266,10 @@ def _final_retraining(top: list[dict[str, Any]], setup: SearchSetup, opts: Searc
             done = folder / "metrics.json"
             if done.exists():  # a re-run keeps finished retrainings
                 jobs.append((t, seed, json.loads(done.read_text())))
+            elif seed == setup.seed and _ran_every_step(t, setup):
+                # the trial itself trained this candidate with this seed for every step: a retraining
+                # would repeat it (the run is seeded end to end), so its last checkpoint is that seed
+                jobs.append((t, seed, _adopt_trial(t, seed, folder)))
             else:
                 jobs.append((t, seed, retrain.remote(t["architecture"], t["training"], seed, str(folder))))
     log(f"final retraining: {len(top)} candidate(s) x {opts.final_seeds} seeds")
@@ -280,3 +288,21 @@ def _final_retraining(top: list[dict[str, Any]], setup: SearchSetup, opts: Searc
                         "students": [str(out / "final" / f"{t['trial_id']}-seed{s}" / "student")
                                      for s in range(len(accs))]})
     return results
+
+
+def _ran_every_step(trial: dict[str, Any], setup: SearchSetup) -> bool:
+    ckpt = trial.get("checkpoint")
+    return (trial.get("step") == int(setup.space["train"]["steps"]) and not trial.get("stopped_early")
+            and bool(ckpt) and (Path(ckpt) / "student").is_dir())
+
+
+def _adopt_trial(trial: dict[str, Any], seed: int, folder: Path) -> dict[str, Any]:
+    """The trial's final student as the retraining of its own seed (copied, then renamed into place)."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(Path(trial["checkpoint"]) / "student", tmp / "student")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.replace(folder)
+    keys = ("step", "loss", "dev_accuracy", "score", "latency_ms", "latency_spread_ms", "params",
+            "params_without_embeddings")
+    return {k: trial.get(k) for k in keys} | {"seed": seed, "from_trial": trial["trial_id"]}

@@ -7,6 +7,7 @@ folder that `kdcache init-student` made, the targets from the cache.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import statistics
 import tempfile
@@ -55,12 +56,18 @@ def is_held_out(sample_ids: np.ndarray, fraction: float, seed: int = 0) -> np.nd
 
 
 def dev_rows(setup: SearchSetup) -> dict[str, torch.Tensor]:
-    """The labelled dev rows as one padded batch (input_ids, attention_mask, label)."""
+    """The labelled dev rows as one padded batch (input_ids, attention_mask, label); read once per
+    process (Tune reuses a trial's worker for the next trial), shared read-only by its trials."""
+    return _dev_rows(setup.dev_cache, setup.cache, setup.holdout, setup.seed)
+
+
+@functools.lru_cache(maxsize=2)
+def _dev_rows(dev_cache: str, cache: str, holdout: float, seed: int) -> dict[str, torch.Tensor]:
     from kdcache.storage import CacheReader
     from kdcache.pipeline.student.trainer.data import decode_batch
 
-    reader = CacheReader(setup.dev_cache or setup.cache, verify="size")
-    where = setup.dev_cache or setup.cache
+    where = dev_cache or cache
+    reader = CacheReader(where, verify="size")
     if not reader.spec.has_labels:
         raise ValueError(f"{where} has no label column: the search measures dev accuracy on gold labels "
                          "(cache with --mode examples --label-field FIELD, or pass --dev-cache)")
@@ -68,8 +75,8 @@ def dev_rows(setup: SearchSetup) -> dict[str, torch.Tensor]:
     for rb in reader.iter_batches(["input_ids", "label", "sample_id"], batch_size=1024):
         b = decode_batch(rb, reader.spec)
         keep = b["label"] >= 0
-        if not setup.dev_cache:
-            keep &= torch.from_numpy(is_held_out(b["sample_id"].numpy(), setup.holdout, setup.seed))
+        if not dev_cache:
+            keep &= torch.from_numpy(is_held_out(b["sample_id"].numpy(), holdout, seed))
         parts.append({k: b[k][keep] for k in ("input_ids", "attention_mask", "label")})
     width = max(p["input_ids"].shape[1] for p in parts)
     pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
@@ -77,7 +84,7 @@ def dev_rows(setup: SearchSetup) -> dict[str, torch.Tensor]:
             "attention_mask": torch.cat([pad(p["attention_mask"]) for p in parts]),
             "label": torch.cat([p["label"] for p in parts])}
     if len(rows["label"]) == 0:
-        raise ValueError(f"{where}: no labelled dev rows (holdout {setup.holdout}); raise --holdout or pass --dev-cache")
+        raise ValueError(f"{where}: no labelled dev rows (holdout {holdout}); raise --holdout or pass --dev-cache")
     return rows
 
 
@@ -123,7 +130,6 @@ def objective(accuracy: float, latency_ms: float, target_ms: float, penalty: flo
 
 def build_student(arch: dict[str, Any], setup: SearchSetup, seed: int, folder: Path) -> dict[str, Any]:
     """Write the candidate's initial student to `folder` (loadable by `load_small_student`)."""
-    from kdcache.pipeline.student.models import pca_projection
     from kdcache.storage import CacheReader
 
     reader = CacheReader(setup.cache, verify="off")
@@ -137,21 +143,29 @@ def build_student(arch: dict[str, Any], setup: SearchSetup, seed: int, folder: P
     model = SMALL_STUDENTS[arch["architecture"]](**kwargs)
     source = "random"
     if setup.embeddings:
-        table = load_small_student(setup.embeddings).embed.weight.detach()
+        width = arch["embedding_size"]
+        table, full = _projected_table(setup.embeddings, width)
         if table.shape[0] != spec.vocab_size:
             raise ValueError(f"--embeddings {setup.embeddings}: {table.shape[0]} tokens, the cache has {spec.vocab_size}")
-        width = arch["embedding_size"]
-        if width > table.shape[1]:
-            raise ValueError(f"--embeddings {setup.embeddings} is {table.shape[1]} wide; the space asks for "
-                             f"embedding_size {width}: make it with a wider --embedding-size (default: the teacher's)")
-        if width < table.shape[1]:
-            table = table @ pca_projection(table, width)
         with torch.no_grad():
             model.embed.weight.copy_(table)
-        source = f"{setup.embeddings}, PCA {table.shape[1]} -> {width}"
+        source = f"{setup.embeddings}, PCA {full} -> {width}"
     record = {**kwargs, "seed": seed, "embedding_init": source, **param_counts(model)}
     save_small_student(model, folder, setup.embeddings or None, record)
     return record
+
+
+@functools.lru_cache(maxsize=8)
+def _projected_table(folder: str, width: int) -> tuple[torch.Tensor, int]:
+    """The token table of `folder` projected on its top `width` principal directions, and its full
+    width; once per process and width (an SVD of the whole table costs seconds on a CPU)."""
+    from kdcache.pipeline.student.models import pca_projection
+
+    table = load_small_student(folder).embed.weight.detach()
+    if width > table.shape[1]:
+        raise ValueError(f"--embeddings {folder} is {table.shape[1]} wide; the space asks for "
+                         f"embedding_size {width}: make it with a wider --embedding-size (default: the teacher's)")
+    return (table @ pca_projection(table, width) if width < table.shape[1] else table), table.shape[1]
 
 
 def fit_candidate(arch: dict[str, Any], train: dict[str, Any], setup: SearchSetup, seed: int, workdir: Path,

@@ -58,7 +58,7 @@ def test_demo_quick_runs_both_stages_evaluates_and_reuses_its_work(tmp_path):
     aug = report["augmentation"]
     assert aug["replacer"] == "frequency-band" and aug["originals"] == 800 and aug["augmented"] > 800
     rows = [json.loads(x) for x in (out / "small" / "cnn-seed0" / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 150 and set(json.loads((out / "small" / "cnn-baseline-seed0" / "summary.json").read_text())
+    assert len(rows) == 100 and set(json.loads((out / "small" / "cnn-baseline-seed0" / "summary.json").read_text())
                                     ["loss_weights"]) == {"ce"}
     for run, steps in (("general", 40), ("task-intermediate", 25), ("task-pred", 50), ("baseline", 75)):
         rows = [json.loads(x) for x in (out / run / "metrics.jsonl").read_text().splitlines()]

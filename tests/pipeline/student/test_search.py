@@ -167,6 +167,30 @@ def test_search_writes_trials_front_best_and_final(searched):
     assert "| teacher |" in (out / "eval" / "report.md").read_text()
 
 
+@pytest.mark.slow
+@pytest.mark.ray
+def test_final_seed_of_the_search_is_the_trial_itself_and_equals_a_retraining(searched, tmp_path):
+    """Seed 0 of the final retraining adopts the trial's own run when it ran every step with that
+    seed; training the candidate again from scratch gives the same weights."""
+    from kdcache.pipeline.student.search.trial import SearchSetup, fit_candidate
+
+    out = searched / "out"
+    final = json.loads((out / "summary.json").read_text())["final"][0]
+    trial = next(t for t in map(json.loads, (out / "trials.jsonl").read_text().splitlines())
+                 if t["trial_id"] == final["trial_id"])
+    seed0 = json.loads((out / "final" / f"{trial['trial_id']}-seed0" / "metrics.json").read_text())
+    if trial["stopped_early"]:
+        pytest.skip("the best trial was stopped early by ASHA: its seed 0 was retrained")
+    assert seed0["from_trial"] == trial["trial_id"] and seed0["dev_accuracy"] == trial["dev_accuracy"]
+    setup = SearchSetup(cache=str(searched / "cache"), space=json.loads((out / "space.yaml").read_text()),
+                        out=str(out), embeddings=str(searched / "table"), latency_target_ms=0.5)
+    again = fit_candidate(trial["architecture"], trial["training"], setup, 0, tmp_path)
+    assert again["dev_accuracy"] == trial["dev_accuracy"]
+    adopted = load_small_student(final["students"][0]).state_dict()
+    for name, value in load_small_student(tmp_path / "student").state_dict().items():
+        assert torch.equal(value, adopted[name]), name
+
+
 def _finished_trials(tune_dir, steps):
     """Trial folder -> its reported steps, for trials whose last report reached `steps`."""
     done = {}
