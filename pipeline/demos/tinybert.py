@@ -36,7 +36,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         # general stage: sequences of 128 tokens cached / optimiser steps / rows per step
         "general": {"sequences": 256, "steps": 40, "batch_size": 16},
         # task stage: split sizes kept (0 = all), augmented copies of each training text, steps
-        "task": {"train": 800, "dev": 200, "test": 400, "augment": 1, "finetune_epochs": 1, "finetune_lr": 1e-4,
+        "task": {"train": 800, "dev": 200, "test": 400, "augment": 1, "finetune_epochs": 1, "finetune_lr": 2e-4,
                  "intermediate_steps": 25, "pred_steps": 50, "batch_size": 32},
         # BiLSTM/CNN students (demos/small_students.py): Tang copies per text, seeds, steps (the
         # ablations are `kdcache demo --ablations`)
