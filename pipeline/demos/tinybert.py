@@ -164,8 +164,9 @@ def _wait_runs(log, pending: dict[Any, str]) -> None:
 def _finetune_task(teacher: str, train_rows: list[dict], dev_rows: list[dict], out: str, kw: dict[str, Any],
                    threads: int):
     """The task teacher's fine-tuning in a Ray task beside a 1-CPU Ray Train worker; returns its
-    summary and the lines it would have printed. It reserves 1 CPU but runs `threads` threads: one
-    thread alone took 2.2x as long per step here, and the fine-tuning outlasts the run beside it."""
+    summary and the lines it would have printed. It reserves 1 CPU but runs `threads` threads: with
+    the one thread Ray gives a 1-CPU task it outlasted the general training by a minute and then left
+    a core idle (docs/performance.md)."""
     import torch
 
     from kdcache.pipeline.tasks.finetune import finetune_classifier
