@@ -291,9 +291,10 @@ def _final_retraining(top: list[dict[str, Any]], setup: SearchSetup, opts: Searc
 
 
 def _ran_every_step(trial: dict[str, Any], setup: SearchSetup) -> bool:
+    # `stopped_early` is `step < steps` (_write_trials): the step count alone says it
     ckpt = trial.get("checkpoint")
-    return (trial.get("step") == int(setup.space["train"]["steps"]) and not trial.get("stopped_early")
-            and bool(ckpt) and (Path(ckpt) / "student").is_dir())
+    return (trial.get("step") == int(setup.space["train"]["steps"]) and bool(ckpt)
+            and (Path(ckpt) / "student").is_dir())
 
 
 def _adopt_trial(trial: dict[str, Any], seed: int, folder: Path) -> dict[str, Any]:
