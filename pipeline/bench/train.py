@@ -15,11 +15,21 @@ Figures (step = forward + backward + optimiser step of the student, on the same 
                                   same student, batches and loss), KD at every position
   cached_over_online_step_masked  the same with KD restricted to the masked positions; the online
                                   teacher then runs its vocabulary projection only there
+  cached_over_limit_step          step from the cache / the limit: a bare PyTorch step of the same
+                                  student, loss and optimiser, head only where a loss reads it, the
+                                  targets already in memory, no kdcache code but the loss formulas
+                                  (limit_step_s_all / limit_step_s_masked); KD at every position
+  cached_over_limit_step_masked   the same, KD at the masked positions
+  kd_over_ce_step                 step from the cache with KD (top-64 at the mask positions) + MLM /
+                                  the same student's plain MLM cross-entropy step from the cache
   reader_over_train               shard-reader tokens/s (read + decode to tensors, one process) /
                                   student training tokens/s of one worker
   rss_ratio_10x                   peak RSS of a fresh process streaming a 10x larger cache / the
                                   1x cache (1.0 = streaming: memory does not grow with the cache)
   ray_train_startup_s             TorchTrainer.fit() to the first batch in the worker (1 worker)
+
+`--teacher smollm2` measures the LLM case instead (`kdcache.pipeline.bench.train_llm`): the chunked
+KD loss against one chunk at SmolLM2's vocabulary and long sequences.
 
 Variants are interleaved step by step (one step of each per round, in a shuffled order) after
 warm-up steps, and the median step time per variant is used: on a shared 2-core machine the speed
@@ -58,6 +68,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default=None, help="where to put teacher, caches, student (default: a temp dir)")
     p.add_argument("--no-ray", action="store_true", help="skip the Ray Train start-up measurement")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--teacher", choices=("bert-base", "smollm2"), default="bert-base",
+                   help="bert-base: the figures above; smollm2: the chunked KD loss at SmolLM2's vocabulary "
+                        "(49,152) and sequences 1,024 and 2,048 (peak memory, step time)")
+    p.add_argument("--seq-lens", default="", help="smollm2 only: sequence lengths (default 1024,2048; --quick 512,1024)")
+    p.add_argument("--chunk", type=int, default=128, help="smollm2 only: rows per chunk of the chunked variant")
+    p.add_argument("--llm-child", default=None, help=argparse.SUPPRESS)  # internal: one memory measurement
     p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)  # internal: one streaming reader
     p.add_argument("--batch-size", type=int, default=8, help=argparse.SUPPRESS)
 
@@ -219,10 +235,48 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def limit_step(model, optimizer, params, batch: dict, masked: bool, temperature: float, last_layer: int,
+               weights=(5.0, 2.0, 1.0), max_grad_norm: float = 5.0) -> None:
+    """The student side's physical limit: the DistilBERT loss in bare PyTorch, the head only at the
+    rows a loss reads (the real tokens or the mask positions for KD, the mask positions for MLM)."""
+    import torch
+    import torch.nn.functional as F
+
+    from kdcache.pipeline.student.losses import cosine_hidden_loss, topk_kd_loss
+
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    h = model.bert(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, T, H]
+    B, T, H = h.shape
+    flat = h.reshape(-1, H)
+    pos = batch["mlm_positions"].long()
+    mlm_rows = (torch.arange(B)[:, None] * T + pos.clamp(min=0))[pos >= 0]
+    kd_rows = mlm_rows if masked else mask.reshape(-1).nonzero().squeeze(1)
+    z_kd = model.cls(flat[kd_rows])
+    z_mlm = z_kd if masked else model.cls(flat[mlm_rows])
+
+    def at(name):
+        v = batch[name]
+        return v.reshape(-1, *v.shape[2:])[kd_rows][None]
+
+    ones = torch.ones(1, len(kd_rows), dtype=torch.bool)
+    kd = topk_kd_loss(z_kd[None], at("topk_ids"), at("topk_logprobs"), at("topk_log_tail"), ones, temperature)
+    mlm = F.cross_entropy(z_mlm.float(), batch["mlm_labels"].long()[pos >= 0])
+    cos = cosine_hidden_loss(h, batch[f"hidden_{last_layer}"], mask)
+    total = weights[0] * kd + weights[1] * mlm + weights[2] * cos
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+
+
 def run(args) -> int:
     if args.rss_child:
         print(json.dumps(rss_child(args.rss_child, args.batch_size)))
         return 0
+    if args.teacher == "smollm2" or args.llm_child:
+        from kdcache.pipeline.bench.train_llm import run as run_llm
+
+        return run_llm(args)
     import dataclasses
     import itertools
 
@@ -268,16 +322,23 @@ def run(args) -> int:
         init_student_from_teacher(teacher_dir, student_dir, num_layers=6)
 
         # -- the same components a training worker builds -----------------------------------------
-        def config(kd_positions: str):
+        def config(kd_positions: str, *overrides: str):
             return load_train_config("distilbert", None, {
                 "cache": cache, "student": str(student_dir), "out": str(work / "run"), "batch_size": B,
-                "steps": 10_000, "no_ray": True, "kd_positions": kd_positions, "progress": False})
+                "steps": 10_000, "no_ray": True, "kd_positions": kd_positions, "progress": False}, list(overrides))
 
         cfg_all, cfg_masked = config("all"), config("masked")
+        cfg_kd = config("masked", "loss_weights.cos=0")  # KD + MLM
+        cfg_ce = config("all", "loss_weights.cos=0", "loss_weights.kd=0")  # MLM alone: no teacher targets
         plan_all, plan_masked = plan_run(cfg_all), plan_run(cfg_masked)
+        plan_kd, plan_ce = plan_run(cfg_kd), plan_run(cfg_ce)
         device = torch.device("cpu")
         comp = build_components(cfg_all, plan_all, device)
-        comp_masked = dataclasses.replace(comp, loss_fn=build_components(cfg_masked, plan_masked, device).loss_fn)
+
+        def sharing(cfg, plan):  # the same student and optimiser, another loss
+            return dataclasses.replace(comp, loss_fn=build_components(cfg, plan, device).loss_fn)
+
+        comp_masked, comp_kd, comp_ce = sharing(cfg_masked, plan_masked), sharing(cfg_kd, plan_kd), sharing(cfg_ce, plan_ce)
         reader = CacheReader(cache, verify="full")
 
         def stream_of(plan):  # endless, epoch after epoch; decoded inside the timed step (no prefetch)
@@ -303,7 +364,19 @@ def run(args) -> int:
             "online": (comp, lambda: online_targets(teacher, prep(next(mem_iter)), K, last, masked=False)),
             "cache_masked": (comp_masked, lambda it=stream_of(plan_masked): prep(next(it))),
             "online_masked": (comp_masked, lambda: online_targets(teacher, prep(next(mem_iter)), K, last, masked=True)),
+            "limit": (None, lambda: prep(next(mem_iter))),
+            "limit_masked": (None, lambda: prep(next(mem_iter))),
+            "cache_kd": (comp_kd, lambda it=stream_of(plan_kd): prep(next(it))),
+            "cache_ce": (comp_ce, lambda it=stream_of(plan_ce): prep(next(it))),
         }
+        # The limit's own optimiser over the same parameters, with kdcache's decay split and settings
+        bare = comp.student.model
+        limit_params = [p for p in bare.parameters() if p.requires_grad]
+        limit_opt = torch.optim.AdamW([{"params": [p for p in limit_params if p.dim() >= 2],
+                                        "weight_decay": cfg_all.weight_decay},
+                                       {"params": [p for p in limit_params if p.dim() < 2], "weight_decay": 0.0}],
+                                      lr=cfg_all.lr, eps=cfg_all.adam_eps)
+        temperature = plan_all.loss_spec.temperature
         times: dict[str, list[float]] = {k: [] for k in variants}
         tokens: dict[str, int] = {k: 0 for k in variants}
         step = 0
@@ -314,7 +387,12 @@ def run(args) -> int:
             t = time.perf_counter()
             batch = get()  # data (cache read/decode, or the teacher's forward) is part of the step
             step += 1
-            train_step(c, batch, step_seed(0, step, 0))
+            if c is None:
+                torch.manual_seed(step_seed(0, step, 0))
+                limit_step(bare, limit_opt, limit_params, batch, name == "limit_masked", temperature, last,
+                           max_grad_norm=cfg_all.max_grad_norm)
+            else:
+                train_step(c, batch, step_seed(0, step, 0))
             return time.perf_counter() - t, int(batch["attention_mask"].sum())
 
         for name in variants:  # warm-up: first calls allocate and fault in memory
@@ -350,7 +428,7 @@ def run(args) -> int:
 
             from kdcache.pipeline.student.trainer import train
 
-            del teacher, comp, comp_masked, variants
+            del teacher, comp, comp_masked, comp_kd, comp_ce, variants, bare, limit_opt, limit_params
             t0 = time.perf_counter()
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
             ray_init_s = time.perf_counter() - t0
@@ -367,6 +445,11 @@ def run(args) -> int:
             "cache_path_overhead": med["cache"] / med["memory"],
             "cached_over_online_step": med["cache"] / med["online"],
             "cached_over_online_step_masked": med["cache_masked"] / med["online_masked"],
+            "limit_step_s_all": med["limit"],
+            "limit_step_s_masked": med["limit_masked"],
+            "cached_over_limit_step": med["cache"] / med["limit"],
+            "cached_over_limit_step_masked": med["cache_masked"] / med["limit_masked"],
+            "kd_over_ce_step": med["cache_kd"] / med["cache_ce"],
             "reader_over_train": reader_tps / train_tps,
             "rss_ratio_10x": rss10["peak_rss_kb"] / rss1["peak_rss_kb"],
             "ray_train_startup_s": ray_startup,
@@ -390,6 +473,10 @@ def run(args) -> int:
     print(f"cache path overhead (cache / in-memory targets)   {result['cache_path_overhead']:.3f}x")
     print(f"cached / online KD step, KD at every position     {result['cached_over_online_step']:.3f}x")
     print(f"cached / online KD step, KD at masked positions   {result['cached_over_online_step_masked']:.3f}x")
+    print(f"cached step / bare-PyTorch limit, KD everywhere   {result['cached_over_limit_step']:.3f}x (goal <= 1.05)")
+    print(f"cached step / bare-PyTorch limit, KD masked       {result['cached_over_limit_step_masked']:.3f}x "
+          "(goal <= 1.05)")
+    print(f"KD + MLM step / MLM-only step, both from cache    {result['kd_over_ce_step']:.3f}x (goal <= 1.10)")
     print(f"reader tokens/s / training tokens/s per worker    {result['reader_over_train']:.1f}x "
           f"({reader_tps:,.0f} vs {train_tps:,.0f})")
     print(f"peak RSS streaming 10x / 1x cache                 {result['rss_ratio_10x']:.3f} "

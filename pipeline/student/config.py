@@ -28,6 +28,11 @@ class TrainConfig:
     temperature: float | None = field(default=None, metadata=flag("KD temperature (default: the recipe's)"))
     kd_tail: str | None = None  # bucket | renorm
     kd_positions: str = "all"  # all | masked (KD only at the cached mask positions)
+    # The vocabulary head runs only on the rows the losses read, `logit_chunk` rows at a time
+    # (0 = auto: ~2^23 logits a chunk; -1 = one chunk). full_logits: the model's own head at every
+    # position, then gathered (the path of a student_factory module).
+    full_logits: bool = False
+    logit_chunk: int = 0
     layer_map: str = "auto"  # auto (student's kdcache_student.json, else the preset's) | "0:0,1:4,..."
     cos_layer: str | None = None  # "6:12" (student:teacher hidden-state index); default: preset's
     attention_kind: str | None = None  # probs | kl

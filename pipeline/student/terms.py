@@ -18,7 +18,9 @@ from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from kdcache.pipeline.student.head import row_columns
 from kdcache.pipeline.student.losses import (
     HiddenProjection,
     attention_mse_loss,
@@ -106,6 +108,7 @@ class Term:
     outputs: tuple[str, ...] = ("logits",)  # student outputs it reads: logits, hidden_states, attentions
     token_kd: bool = False  # per-token KD on the logits: kd_positions=masked restricts it to the mask positions
     projected: bool = False  # compares hidden states through a learned projection when the widths differ
+    on_head: bool = False  # reads vocabulary logits row by row: `head_rows` / `head_loss` (student/head.py)
 
     def columns(self, spec: LossSpec) -> set[str]:
         """The cache columns it reads, by their decoded names (`topk_ids`, not the codec's leaves)."""
@@ -132,6 +135,17 @@ class Term:
 
     def compute(self, spec: LossSpec, outputs: Any, batch: Mapping[str, torch.Tensor], mask: torch.Tensor,
                 proj: ProjFor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def head_rows(self, spec: LossSpec, batch: Mapping[str, torch.Tensor], mask: torch.Tensor,
+                  masked: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`on_head` terms: the flat row indices into B*T whose logits it reads, and its columns
+        there; `masked` = kd_positions is "masked" (a token-KD term reads the mask positions)."""
+        raise NotImplementedError
+
+    def head_loss(self, spec: LossSpec, logits: torch.Tensor, cols: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """`on_head` terms: the SUM over rows of the per-row loss (logits [n, V]); summed over chunks
+        and divided by the row count it equals `compute`."""
         raise NotImplementedError
 
 
@@ -162,9 +176,34 @@ def _out(outputs: Any, key: str) -> Any:
 # --------------------------------------------------------------------------- #
 
 
+def _token_rows(batch: Mapping[str, torch.Tensor], mask: torch.Tensor, masked: bool) -> torch.Tensor:
+    """Flat indices into B*T: the cached mask positions (masked) or every real token."""
+    B, T = mask.shape
+    if masked:
+        pos = batch["mlm_positions"].long()
+        flat = torch.arange(B, device=pos.device)[:, None] * T + pos.clamp(min=0)
+        return flat[pos >= 0]
+    return (mask != 0).reshape(-1).nonzero().squeeze(1)
+
+
+class _TokenKD(Term):
+    """Shared by the two token-KD terms: their rows and their columns there."""
+
+    token_kd = on_head = True
+
+    def head_rows(self, spec, batch, mask, masked):
+        idx = _token_rows(batch, mask, masked)
+        return idx, row_columns(batch, self.columns(spec), idx)
+
+    def head_loss(self, spec, logits, cols):
+        n = logits.shape[0]
+        ones = torch.ones(1, n, dtype=torch.bool, device=logits.device)
+        return self.compute(spec, {"logits": logits[None]}, {k: v[None] for k, v in cols.items()}, ones, None) * n
+
+
 @register
-class TopKKD(Term):
-    name, about, token_kd = "kd", "topk_kd_loss on the student's token logits (cached top-k)", True
+class TopKKD(_TokenKD):
+    name, about = "kd", "topk_kd_loss on the student's token logits (cached top-k)"
 
     def columns(self, spec):
         return {"topk_ids", "topk_logprobs"} | ({"topk_log_tail"} if spec.kd_tail == "bucket" else set())
@@ -180,8 +219,8 @@ class TopKKD(Term):
 
 
 @register
-class SampledKD(Term):
-    name, about, token_kd = "rskd", "sampled_kd_loss on the student's token logits (cached RS-KD samples)", True
+class SampledKD(_TokenKD):
+    name, about = "rskd", "sampled_kd_loss on the student's token logits (cached RS-KD samples)"
 
     def columns(self, spec):
         return {"sample_ids", "sample_weights"}
@@ -210,8 +249,19 @@ class MaskedLM(Term):
     def columns(self, spec):
         return {"mlm_positions", "mlm_labels"}
 
+    on_head = True
+
     def compute(self, spec, outputs, batch, mask, proj):
         return mlm_loss(_out(outputs, "logits"), batch["mlm_positions"], batch["mlm_labels"])
+
+    def head_rows(self, spec, batch, mask, masked):
+        pos, labels = batch["mlm_positions"].long(), batch["mlm_labels"].long()
+        keep = (pos >= 0) & (labels != -100)
+        flat = torch.arange(pos.shape[0], device=pos.device)[:, None] * mask.shape[1] + pos.clamp(min=0)
+        return flat[keep], {"target": labels[keep]}
+
+    def head_loss(self, spec, logits, cols):
+        return F.cross_entropy(logits.float(), cols["target"], reduction="sum")
 
 
 @register
@@ -221,8 +271,20 @@ class CausalLM(Term):
     def columns(self, spec):
         return set()  # input_ids: every spec reads it
 
+    on_head = True
+
     def compute(self, spec, outputs, batch, mask, proj):
         return causal_lm_loss(_out(outputs, "logits"), batch["input_ids"], mask)
+
+    def head_rows(self, spec, batch, mask, masked):
+        m = mask != 0
+        B, T = m.shape
+        valid = m[:, 1:] & m[:, :-1]  # position t predicts t + 1; both real
+        flat = (torch.arange(B, device=m.device)[:, None] * T + torch.arange(T - 1, device=m.device))[valid]
+        return flat, {"target": batch["input_ids"][:, 1:].long()[valid]}
+
+    def head_loss(self, spec, logits, cols):
+        return F.cross_entropy(logits.float(), cols["target"], reduction="sum")
 
 
 # --------------------------------------------------------------------------- #

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from kdcache.pipeline.common.hf import import_user_object
 from kdcache.pipeline.student.config import TrainConfig
+from kdcache.pipeline.student.head import find_head
 from kdcache.pipeline.student.small import describe_small_student, is_small_student, load_small_student
 
 
@@ -23,6 +24,10 @@ class StudentOutputs:
     logits: torch.Tensor | None = None  # [B, T, V] (token) or [B, C] (classifier)
     hidden_states: tuple | None = None  # index 0 = embeddings, l = after layer l
     attentions: tuple | None = None  # attentions[l - 1] = layer l, [B, heads, T, T]
+    # Instead of logits: the vocabulary head's input [B, T, H] and the head, which the losses run
+    # only on the rows they read (`kdcache.pipeline.student.head`).
+    head_input: torch.Tensor | None = None
+    head: nn.Module | None = None
 
 
 class HFStudent(nn.Module):
@@ -31,9 +36,34 @@ class HFStudent(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        # With `capture_head` on (set by the trainer when the active losses read vocabulary logits),
+        # the model's head gets zero positions and its input comes back as `head_input`.
+        self.head = find_head(model)
+        self.capture_head = False
+        self._capturing = False  # only inside forward: the losses call the same head afterwards
+        self._captured: torch.Tensor | None = None
+        if self.head is not None:
+            self.head.register_forward_pre_hook(self._skip_head)
+
+    def _skip_head(self, module: nn.Module, args: tuple):
+        if not self._capturing or not args:
+            return None
+        self._captured = args[0]
+        return (args[0][..., :0, :], *args[1:])  # [B, 0, H]: the head computes nothing
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> StudentOutputs:
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        self._captured, self._capturing = None, self.capture_head
+        try:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+            captured = self._captured
+        finally:
+            self._captured, self._capturing = None, False
+        if self.capture_head:
+            if captured is None:
+                raise RuntimeError(f"{type(self.model).__name__}'s forward did not call its head "
+                                   f"({type(self.head).__name__}); train with full_logits=true")
+            return StudentOutputs(hidden_states=getattr(out, "hidden_states", None),
+                                  attentions=getattr(out, "attentions", None), head_input=captured, head=self.head)
         return StudentOutputs(logits=getattr(out, "logits", None), hidden_states=getattr(out, "hidden_states", None),
                               attentions=getattr(out, "attentions", None))
 

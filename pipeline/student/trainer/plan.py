@@ -139,6 +139,8 @@ def _check_options(cfg: TrainConfig) -> None:
         raise ValueError(f"batch_size and workers must be >= 1, got {cfg.batch_size}, {cfg.workers}")
     if cfg.kd_positions not in ("all", "masked"):
         raise ValueError(f"kd_positions must be 'all' or 'masked', got {cfg.kd_positions!r}")
+    if cfg.logit_chunk < -1:
+        raise ValueError(f"logit_chunk must be -1 (one chunk), 0 (auto) or a row count, got {cfg.logit_chunk}")
     if cfg.schedule not in ("linear", "cosine", "constant"):
         raise ValueError(f"schedule must be linear, cosine or constant, got {cfg.schedule!r}")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -13,32 +14,53 @@ import torch.nn as nn
 
 from kdcache.pipeline.common.runtime import amp_dtype
 from kdcache.pipeline.student.config import TrainConfig
+from kdcache.pipeline.student.head import head_losses
 from kdcache.pipeline.student.terms import TERMS, CompositeLoss
-from kdcache.pipeline.student.trainer.adapter import build_student
+from kdcache.pipeline.student.trainer.adapter import HFStudent, build_student
 from kdcache.pipeline.student.trainer.plan import RunPlan
 
 
 class DistillLoss(nn.Module):
-    """`CompositeLoss`, plus KD restricted to the cached mask positions when `kd_positions="masked"`.
+    """`CompositeLoss`, plus the terms that read vocabulary logits computed where they read them.
 
-    Restricting gathers the student logits and the KD term's columns (the teacher's top-k or
-    samples) at the M masked positions ([B, M, ...]) so the full-vocabulary log-softmax runs at M,
-    not T, positions.
+    `head=True` (a student that hands over its head's input, `StudentOutputs.head_input`): the
+    `on_head` terms (kd, rskd, mlm, clm) run the head only on their rows (the real tokens, the mask
+    positions, the next-token pairs), `logit_chunk` rows at a time (`kdcache.pipeline.student.head`).
+    Otherwise, with `kd_positions="masked"`, the KD term gathers the student logits and its columns at
+    the M masked positions ([B, M, ...]) so the log-softmax runs at M, not T, positions.
     """
 
-    def __init__(self, spec, student_hidden: int | None, teacher_hidden: int | None, kd_positions: str = "all"):
+    def __init__(self, spec, student_hidden: int | None, teacher_hidden: int | None, kd_positions: str = "all",
+                 head: bool = False, logit_chunk: int = 0):
         super().__init__()
         self.kd_name = next((t.name for t in spec.active_terms() if t.token_kd), None)
         self.masked = kd_positions == "masked" and self.kd_name is not None
         self.spec = spec
-        self.kd_weight = spec.active().get(self.kd_name, 0.0) if self.masked else 0.0
-        rest = {k: v for k, v in spec.active().items() if not (self.masked and k == self.kd_name)}
+        self.logit_chunk = logit_chunk
+        self.head_terms = [(t.name, w) for t in spec.active_terms() if head and t.on_head
+                           for w in [spec.active()[t.name]]]
+        self.kd_weight = spec.active().get(self.kd_name, 0.0) if self.masked and not self.head_terms else 0.0
+        apart = {n for n, _ in self.head_terms} | ({self.kd_name} if self.kd_weight else set())
+        rest = {k: v for k, v in spec.active().items() if k not in apart}
         self.composite = CompositeLoss(dataclasses.replace(spec, weights=rest), student_hidden, teacher_hidden) \
             if rest else None
 
     def forward(self, outputs, batch):
         total, parts = (self.composite(outputs, batch) if self.composite is not None else (None, {}))
-        if self.masked:
+        if self.head_terms:
+            hidden = getattr(outputs, "head_input", None)
+            if hidden is None:
+                raise ValueError("the loss expects the student's head input (StudentOutputs.head_input), got none")
+            mask = batch["attention_mask"]
+            rows = []
+            for name, w in self.head_terms:
+                term = TERMS[name]
+                idx, cols = term.head_rows(self.spec, batch, mask, self.masked)
+                rows.append((w, idx, cols, partial(term.head_loss, self.spec)))
+            value, values = head_losses(outputs.head, hidden, rows, self.logit_chunk)
+            parts = {**parts, **{name: v.detach() for (name, _), v in zip(self.head_terms, values)}}
+            total = value if total is None else total + value
+        elif self.kd_weight:
             term = TERMS[self.kd_name]
             pos = batch["mlm_positions"].long()
             valid = pos >= 0
@@ -136,7 +158,13 @@ class Components:
 def build_components(cfg: TrainConfig, plan: RunPlan, device: torch.device, world_size: int = 1) -> Components:
     torch.manual_seed(cfg.seed)  # the projection's init: the same on every rank
     student = build_student(cfg, plan.needs_hidden, plan.needs_attentions).to(device)
-    loss_fn = DistillLoss(plan.loss_spec, plan.student["hidden_size"], plan.teacher_hidden, cfg.kd_positions).to(device)
+    # The vocabulary head only where a loss reads it: an HF student with a head the losses read.
+    head = (isinstance(student, HFStudent) and student.head is not None and not cfg.full_logits
+            and any(t.on_head for t in plan.loss_spec.active_terms()))
+    if isinstance(student, HFStudent):
+        student.capture_head = head
+    loss_fn = DistillLoss(plan.loss_spec, plan.student["hidden_size"], plan.teacher_hidden, cfg.kd_positions,
+                          head=head, logit_chunk=cfg.logit_chunk).to(device)
     optimizer = build_optimizer(cfg, [student, loss_fn])
     params = [p for g in optimizer.param_groups for p in g["params"]]
     amp = amp_dtype(cfg.autocast, device)
