@@ -93,6 +93,25 @@ def test_losses_decrease_and_student_loads_without_teacher(setup):
     assert list((setup / "run_dec" / "tb").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.parametrize("kd_positions", ["all", "masked"])
+def test_head_only_where_read_trains_like_the_full_logits(setup, kd_positions):
+    """`kdcache train` with the head on the losses' rows, chunked (logit_chunk=3), and with the
+    model's own head at every position: the same losses step after step, the same student."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, extra in (("full", ["full_logits=true"]), ("rows", ["logit_chunk=3"])):
+        out = f"head_{kd_positions}_{name}"
+        train(_cfg(setup, out, no_ray=True, steps=4, kd_positions=kd_positions, overrides=extra), log=lambda *_: None)
+        runs[name] = (_metrics(setup / out), load_file(str(setup / out / "student" / "model.safetensors")))
+    (full_rows, full_w), (rows, w) = runs["full"], runs["rows"]
+    for a, b in zip(full_rows, rows, strict=True):
+        for key in ("loss", "loss_kd", "loss_mlm", "loss_cos"):
+            assert math.isclose(a[key], b[key], rel_tol=1e-4), (a["step"], key, a[key], b[key])
+    for k in full_w:
+        assert (full_w[k] - w[k]).abs().max() < 1e-4, k
+
+
 def test_in_process_resume_is_exact_across_epochs(setup):
     """Crash after a checkpoint, re-run: the same losses and rows as one uninterrupted run (shuffled
     shard order, an epoch boundary and a short last batch included)."""
