@@ -152,3 +152,11 @@ def test_find_head():
     clf = BertForSequenceClassification(BertConfig(vocab_size=V, hidden_size=16, num_hidden_layers=1,
                                                    num_attention_heads=2, intermediate_size=32))
     assert find_head(clf) is None
+
+
+def test_a_batch_without_rows_gives_a_zero_loss_that_backpropagates(batch):
+    """MLM alone on a batch whose mask positions are all padding: 0, and backward still works."""
+    empty = {**batch, "mlm_positions": torch.full_like(batch["mlm_positions"], -1)}
+    total, parts, grads = _loss_and_grads(_bert(), LossSpec({"mlm": 1.0}), empty, "all", head=True)
+    assert float(total) == 0.0 and float(parts["mlm"]) == 0.0
+    assert all(float(g.abs().sum()) == 0.0 for g in grads.values())
