@@ -37,7 +37,7 @@ class HFStudent(nn.Module):
         super().__init__()
         self.model = model
         # With `capture_head` on (set by the trainer when the active losses read vocabulary logits),
-        # the model's head gets zero positions and its input comes back as `head_input`.
+        # the model's head gets zero positions in train mode and its input comes back as `head_input`.
         self.head = find_head(model)
         self.capture_head = False
         self._capturing = False  # only inside forward: the losses call the same head afterwards
@@ -52,13 +52,15 @@ class HFStudent(nn.Module):
         return (args[0][..., :0, :], *args[1:])  # [B, 0, H]: the head computes nothing
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> StudentOutputs:
-        self._captured, self._capturing = None, self.capture_head
+        # Training only: in eval mode (evaluation, perplexity) the student gives its logits as usual.
+        capture = self.capture_head and self.training
+        self._captured, self._capturing = None, capture
         try:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask)
             captured = self._captured
         finally:
             self._captured, self._capturing = None, False
-        if self.capture_head:
+        if capture:
             if captured is None:
                 raise RuntimeError(f"{type(self.model).__name__}'s forward did not call its head "
                                    f"({type(self.head).__name__}); train with full_logits=true")

@@ -160,3 +160,16 @@ def test_a_batch_without_rows_gives_a_zero_loss_that_backpropagates(batch):
     total, parts, grads = _loss_and_grads(_bert(), LossSpec({"mlm": 1.0}), empty, "all", head=True)
     assert float(total) == 0.0 and float(parts["mlm"]) == 0.0
     assert all(float(g.abs().sum()) == 0.0 for g in grads.values())
+
+
+def test_a_trained_student_in_eval_mode_gives_its_logits(batch):
+    """The trainer switches capture on; evaluation after training (eval mode) still gets logits."""
+    model = _bert()
+    student = HFStudent(model)
+    student.capture_head = True
+    assert student(batch["input_ids"], batch["attention_mask"]).logits is None
+    student.eval()
+    out = student(batch["input_ids"], batch["attention_mask"])
+    assert out.head_input is None and out.logits.shape == (B, T, V)
+    torch.testing.assert_close(out.logits, model(input_ids=batch["input_ids"],
+                                                 attention_mask=batch["attention_mask"]).logits)
