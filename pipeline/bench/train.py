@@ -178,11 +178,12 @@ def online_targets(teacher, batch: dict, k: int, last_layer: int, masked: bool) 
 # --------------------------------------------------------------------------------------------- #
 
 
-def _peak_rss_kb() -> int:
+def status_kb(field: str = "VmHWM") -> int:
+    """A memory field of /proc/self/status in KiB (VmHWM: peak RSS, VmRSS: now)."""
     # VmHWM, not getrusage's ru_maxrss: on Linux a child's ru_maxrss starts at the forking parent's
     # peak (here the bench process with two BERTs), so it would hide the reader's own peak.
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1])
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # not Linux: best effort
 
@@ -193,7 +194,7 @@ def rss_child(cache: str, batch_size: int) -> dict[str, Any]:
 
     from kdcache.pipeline.student.trainer import RankStream, prefetched
 
-    before = _peak_rss_kb()
+    before = status_kb()
     reader = CacheReader(cache, verify="full")
     cols = reader.resolve_columns(["input_ids", "topk", "mlm", f"hidden_{max(reader.spec.hidden_layers)}"])
     stream = RankStream(reader, cols, batch_size, 0, 1)
@@ -201,18 +202,19 @@ def rss_child(cache: str, batch_size: int) -> dict[str, Any]:
     for batch in prefetched(stream.batches(0), 2):
         rows += batch["rows"]
         tokens += int(batch["attention_mask"].sum())
-    peak = _peak_rss_kb()
+    peak = status_kb()
     return {"rows": rows, "tokens": tokens, "bytes": reader.manifest.bytes, "rss_after_imports_kb": before,
             "peak_rss_kb": peak}
 
 
-def _run_rss_child(cache: str, batch_size: int) -> dict[str, Any]:
+def run_child(flags: list[str], what: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """`python -m kdcache.pipeline.bench.train FLAGS` in a fresh process; its last line, as JSON."""
     root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "-m", "kdcache.pipeline.bench.train", "--rss-child", cache,
-                           "--batch-size", str(batch_size)], capture_output=True, text=True, env=env, cwd=root)
+    env = {**os.environ, **(env or {}), "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "kdcache.pipeline.bench.train", *flags], capture_output=True,
+                          text=True, env=env, cwd=root)
     if proc.returncode:
-        raise RuntimeError(f"RSS child failed: {proc.stderr[-2000:]}")
+        raise RuntimeError(f"{what} failed: {proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -418,8 +420,7 @@ def run(args) -> int:
         t0 = time.perf_counter()
         copy_cache(cache, cache10, 10)
         log(f"10x cache written in {time.perf_counter() - t0:.1f}s")
-        rss1 = _run_rss_child(cache, B)
-        rss10 = _run_rss_child(cache10, B)
+        rss1, rss10 = (run_child(["--rss-child", c, "--batch-size", str(B)], "RSS child") for c in (cache, cache10))
 
         # -- Ray Train start-up -------------------------------------------------------------------
         ray_startup = ray_init_s = None

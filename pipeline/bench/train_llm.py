@@ -31,11 +31,11 @@ import json
 import os
 import random
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from kdcache.pipeline.bench.train import log, run_child, status_kb
 
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
                intermediate_size=1536, tie_word_embeddings=True, max_position_embeddings=8192)
@@ -85,13 +85,6 @@ def _step(student, loss_fn, optimizer, batch) -> None:
     optimizer.step()
 
 
-def _rss_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
 def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
 
@@ -109,7 +102,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         head = student.head
         h = torch.randn(1, spec["seq"], SMOLLM2["hidden_size"], requires_grad=True)
         _reset_peak()
-        before = _rss_kb("VmRSS")
+        before = status_kb("VmRSS")
         if spec["chunk"] is None:
             out = StudentOutputs(logits=head(h))
         else:
@@ -120,24 +113,9 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         _step(student, loss_fn, optimizer, batch)  # warm-up: optimiser state, first-touch pages
         _reset_peak()
-        before = _rss_kb("VmRSS")
+        before = status_kb("VmRSS")
         _step(student, loss_fn, optimizer, batch)
-    return {"peak_mb": (_rss_kb("VmHWM") - before) / 1024}
-
-
-def _run_child(spec: dict[str, Any]) -> dict[str, Any]:
-    root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536",
-           "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "-m", "kdcache.pipeline.bench.train", "--llm-child", json.dumps(spec)],
-                          capture_output=True, text=True, env=env, cwd=root)
-    if proc.returncode:
-        raise RuntimeError(f"memory child {spec} failed: {proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    return {"peak_mb": (status_kb("VmHWM") - before) / 1024}
 
 
 def run(args) -> int:
@@ -160,9 +138,12 @@ def run(args) -> int:
         row: dict[str, Any] = {"loss_peak_mb": {}, "step_peak_mb": {}, "step_s": {}}
         for name, c in variants.items():
             for what in ("loss", "step"):
-                got = _run_child({"seq": seq, "chunk": c, "layers": layers, "what": what, "threads": args.threads})
+                spec = {"seq": seq, "chunk": c, "layers": layers, "what": what, "threads": args.threads}
+                # glibc's mmap threshold fixed: freed tensors go back to the kernel at once
+                got = run_child(["--llm-child", json.dumps(spec)], f"memory child {spec}",
+                                {"MALLOC_MMAP_THRESHOLD_": "65536"})
                 row[f"{what}_peak_mb"][name] = got["peak_mb"]
-            _log(f"seq {seq} {name}: loss peak {row['loss_peak_mb'][name]:.0f} MB, "
+            log(f"seq {seq} {name}: loss peak {row['loss_peak_mb'][name]:.0f} MB, "
                  f"step peak {row['step_peak_mb'][name]:.0f} MB")
         # time: the three variants on copies of one model, interleaved step by step
         runs = {}
@@ -190,7 +171,7 @@ def run(args) -> int:
         row["step_peak_ratio"] = row["step_peak_mb"]["chunked"] / max(1e-9, row["step_peak_mb"]["one_chunk"])
         row["step_time_ratio"] = row["step_s"]["chunked"] / row["step_s"]["one_chunk"]
         figures[str(seq)] = row
-        _log(f"seq {seq}: step " + ", ".join(f"{k} {v:.2f}s" for k, v in row["step_s"].items()))
+        log(f"seq {seq}: step " + ", ".join(f"{k} {v:.2f}s" for k, v in row["step_s"].items()))
     result = {"llm": figures, "chunk": chunk, "sizes": {**SMOLLM2, "layers": layers, "k": K, "batch": 1,
                                                         "rounds": rounds},
               "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),

@@ -176,12 +176,16 @@ def _out(outputs: Any, key: str) -> Any:
 # --------------------------------------------------------------------------- #
 
 
+def _mask_slots(batch: Mapping[str, torch.Tensor], T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cached mask positions [B, M] (-1 = padding) and their flat indices into B*T."""
+    pos = batch["mlm_positions"].long()
+    return pos, torch.arange(pos.shape[0], device=pos.device)[:, None] * T + pos.clamp(min=0)
+
+
 def _token_rows(batch: Mapping[str, torch.Tensor], mask: torch.Tensor, masked: bool) -> torch.Tensor:
     """Flat indices into B*T: the cached mask positions (masked) or every real token."""
-    B, T = mask.shape
     if masked:
-        pos = batch["mlm_positions"].long()
-        flat = torch.arange(B, device=pos.device)[:, None] * T + pos.clamp(min=0)
+        pos, flat = _mask_slots(batch, mask.shape[1])
         return flat[pos >= 0]
     return (mask != 0).reshape(-1).nonzero().squeeze(1)
 
@@ -255,9 +259,9 @@ class MaskedLM(Term):
         return mlm_loss(_out(outputs, "logits"), batch["mlm_positions"], batch["mlm_labels"])
 
     def head_rows(self, spec, batch, mask, masked):
-        pos, labels = batch["mlm_positions"].long(), batch["mlm_labels"].long()
+        pos, flat = _mask_slots(batch, mask.shape[1])
+        labels = batch["mlm_labels"].long()
         keep = (pos >= 0) & (labels != -100)
-        flat = torch.arange(pos.shape[0], device=pos.device)[:, None] * mask.shape[1] + pos.clamp(min=0)
         return flat[keep], {"target": labels[keep]}
 
     def head_loss(self, spec, logits, cols):

@@ -37,11 +37,11 @@ class DistillLoss(nn.Module):
         self.masked = kd_positions == "masked" and self.kd_name is not None
         self.spec = spec
         self.logit_chunk = logit_chunk
-        self.head_terms = [(t.name, w) for t in spec.active_terms() if head and t.on_head
-                           for w in [spec.active()[t.name]]]
-        self.kd_weight = spec.active().get(self.kd_name, 0.0) if self.masked and not self.head_terms else 0.0
+        active = spec.active()
+        self.head_terms = [(t.name, active[t.name]) for t in spec.active_terms() if t.on_head] if head else []
+        self.kd_weight = active.get(self.kd_name, 0.0) if self.masked and not self.head_terms else 0.0
         apart = {n for n, _ in self.head_terms} | ({self.kd_name} if self.kd_weight else set())
-        rest = {k: v for k, v in spec.active().items() if k not in apart}
+        rest = {k: v for k, v in active.items() if k not in apart}
         self.composite = CompositeLoss(dataclasses.replace(spec, weights=rest), student_hidden, teacher_hidden) \
             if rest else None
 
