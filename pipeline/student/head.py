@@ -127,12 +127,17 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         pre = [p for p, w in zip(params, wants) if w and p is not lin.weight and p is not lin.bias]
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         parts = torch.zeros(len(job.terms), dtype=torch.float32, device=h.device)
+        # The projection's weights in the forward's dtype once (under autocast F.linear would cast
+        # them again for every chunk, and so would dz @ W below).
+        device = h.device.type
+        cast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        weight = lin.weight.detach() if cast is None else lin.weight.detach().to(cast)
+        bias = None if lin.bias is None else (lin.bias.detach() if cast is None else lin.bias.detach().to(cast))
         for s, e in job.chunks:
             with torch.enable_grad():
                 hc = h[s:e].detach().requires_grad_(h.requires_grad)
                 x = _linear_input(job.head, lin, hc)
-                bias = None if lin.bias is None else lin.bias.detach()
-                z = F.linear(x.detach(), lin.weight.detach(), bias).requires_grad_()
+                z = F.linear(x.detach(), weight, bias).requires_grad_()
                 value, chunk_parts = _terms_value(z, s, e, job.terms, job.counts)
                 dz = torch.autograd.grad(value, z)[0] if value.requires_grad else torch.zeros_like(z)
             xd = x.detach()
@@ -144,7 +149,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                     g.add_((dz.t() @ xd.to(dz.dtype)).to(g.dtype))
             if lin.bias is not None and id(lin.bias) in acc:
                 acc[id(lin.bias)].add_(dz.sum(0).to(lin.bias.dtype))
-            gx = (dz @ lin.weight.to(dz.dtype)).to(x.dtype)
+            gx = (dz @ weight.to(dz.dtype)).to(x.dtype)
             inputs = ([hc] if h.requires_grad else []) + pre
             if x is hc:
                 if grad_h is not None:

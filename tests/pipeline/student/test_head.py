@@ -173,3 +173,19 @@ def test_a_trained_student_in_eval_mode_gives_its_logits(batch):
     assert out.head_input is None and out.logits.shape == (B, T, V)
     torch.testing.assert_close(out.logits, model(input_ids=batch["input_ids"],
                                                  attention_mask=batch["attention_mask"]).logits)
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama-tied"])
+def test_chunked_under_bf16_autocast_matches_one_chunk(kind, batch):
+    """The GPU path's dtypes (bf16 autocast, float32 parameters) on CPU: chunked runs and agrees
+    with one chunk to bf16 precision."""
+    spec = LossSpec({"kd": 1.0, "mlm": 1.0}) if kind == "bert" else LossSpec({"kd": 1.0, "clm": 1.0})
+    results = []
+    for chunk in (-1, 4):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(_loss_and_grads(_model(kind), spec, batch, "all", head=True, chunk=chunk))
+    (t1, _, g1), (t2, _, g2) = results
+    torch.testing.assert_close(t1, t2, rtol=2e-2, atol=1e-3)
+    for k in g1:
+        assert g1[k].dtype == torch.float32 and torch.isfinite(g2[k]).all(), k
+        torch.testing.assert_close(g1[k], g2[k], rtol=5e-2, atol=5e-3, msg=lambda m, k=k: f"{k}: {m}")
