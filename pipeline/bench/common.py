@@ -1,8 +1,14 @@
 """Shared pieces of the benchmarks: which teacher produced the data, timing, and the JSON last line."""
 from __future__ import annotations
 
+import json
+import os
+import resource
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -91,3 +97,28 @@ def packed_batches(tokenizer, texts: list[str], n_seq: int, seq_len: int, batch_
     if sum(len(b["lengths"]) for b in out) < n_seq:
         raise RuntimeError(f"the corpus gave fewer than {n_seq} sequences of {seq_len} tokens")
     return out
+
+
+def status_kb(field: str = "VmHWM") -> int:
+    """A memory field of /proc/self/status in KiB (VmHWM: peak RSS, VmRSS: now)."""
+    # VmHWM, not getrusage's ru_maxrss: on Linux a child's ru_maxrss starts at the forking parent's
+    # peak (here the bench process with two BERTs), so it would hide the reader's own peak.
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # not Linux: best effort
+
+
+def run_child(flags: list[str], what: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """`python -m kdcache.pipeline.bench.train FLAGS` in a fresh process; its last line, as JSON."""
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, **(env or {}), "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "kdcache.pipeline.bench.train", *flags], capture_output=True,
+                          text=True, env=env, cwd=root)
+    if proc.returncode:
+        raise RuntimeError(f"{what} failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

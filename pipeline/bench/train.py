@@ -44,14 +44,14 @@ import argparse
 import json
 import os
 import random
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from kdcache.pipeline.bench.common import log, run_child, status_kb
 
 SIZES = {
     # sequences in the 1x cache, tokens per sequence, rows per step, warm-up steps per variant, rounds
@@ -178,14 +178,6 @@ def online_targets(teacher, batch: dict, k: int, last_layer: int, masked: bool) 
 # --------------------------------------------------------------------------------------------- #
 
 
-def status_kb(field: str = "VmHWM") -> int:
-    """A memory field of /proc/self/status in KiB (VmHWM: peak RSS, VmRSS: now)."""
-    # VmHWM, not getrusage's ru_maxrss: on Linux a child's ru_maxrss starts at the forking parent's
-    # peak (here the bench process with two BERTs), so it would hide the reader's own peak.
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # not Linux: best effort
 
 
 def rss_child(cache: str, batch_size: int) -> dict[str, Any]:
@@ -207,15 +199,6 @@ def rss_child(cache: str, batch_size: int) -> dict[str, Any]:
             "peak_rss_kb": peak}
 
 
-def run_child(flags: list[str], what: str, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """`python -m kdcache.pipeline.bench.train FLAGS` in a fresh process; its last line, as JSON."""
-    root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, **(env or {}), "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "-m", "kdcache.pipeline.bench.train", *flags], capture_output=True,
-                          text=True, env=env, cwd=root)
-    if proc.returncode:
-        raise RuntimeError(f"{what} failed: {proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _reader_tokens_per_s(cache: str, columns: list[str], batch_size: int, min_s: float) -> float:
@@ -233,8 +216,6 @@ def _reader_tokens_per_s(cache: str, columns: list[str], batch_size: int, min_s:
     return tokens / (time.perf_counter() - t0)
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def limit_step(model, optimizer, params, batch: dict, masked: bool, temperature: float, last_layer: int,

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kdcache.pipeline.bench.train import log, run_child, status_kb
+from kdcache.pipeline.bench.common import log, run_child, status_kb
 
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
                intermediate_size=1536, tie_word_embeddings=True, max_position_embeddings=8192)
