@@ -44,11 +44,17 @@ class ShardInfo:
     checksum: str
     sample_id_first: int
     sample_id_last: int
+    # Rows of each Parquet row group, in file order: lets every training worker split the cache by row
+    # group from the manifest alone. Absent (empty) in caches written before it; readers then read footers.
+    row_groups: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "row_groups", tuple(int(n) for n in self.row_groups))  # JSON gives a list
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str) -> "ShardInfo":
         try:
-            return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+            return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data or k != "row_groups"})
         except (KeyError, TypeError) as exc:
             raise ManifestError(f"{where}: shard entry {data!r} lacks a field ({exc}); the cache is damaged: "
                                 "re-run `kdcache cache` with --overwrite") from None

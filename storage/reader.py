@@ -1,4 +1,5 @@
-"""Reading a cache: streamed record batches, column projection, (rank, world_size) shard assignment.
+"""Reading a cache: streamed record batches, column projection, row groups and spans of them
+(which rank reads which: `assign.py`).
 
 Nothing here loads a whole shard list or shard into memory: batches are read row group by row
 group, and only the projected columns' pages are fetched and decoded.
@@ -11,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .assign import Group, Span
 from .checksum import checksum_stream
 from .columns import to_numpy
 from .errors import ColumnError, ShardError
@@ -30,14 +32,6 @@ _ALWAYS = ("sample_id", "length")
 _verified: set[tuple] = set()
 
 
-def assign_shards(shards: Sequence[ShardInfo], rank: int, world_size: int) -> list[ShardInfo]:
-    """Deterministic, disjoint, complete: shard i goes to rank i % world_size (in shard-index order)."""
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, world_size), got rank={rank} world_size={world_size}")
-    ordered = sorted(shards, key=lambda s: s.index)
-    return [s for i, s in enumerate(ordered) if i % world_size == rank]
-
-
 class CacheReader:
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None, verify: str = "full"):
         if verify not in VERIFY_MODES:
@@ -47,6 +41,7 @@ class CacheReader:
         self.spec: CacheSpec = self.manifest.spec
         self.schema: pa.Schema = build_schema(self.spec)
         self.verify = verify
+        self._groups: list[Group] | None = None
 
     # -- what is there ----------------------------------------------------------------------------
     @property
@@ -119,7 +114,25 @@ class CacheReader:
                              "cache. Run `kdcache verify` for details")
         if pf.metadata.num_rows != info.rows:
             raise ShardError(f"{where} holds {pf.metadata.num_rows} rows but the manifest says {info.rows}")
+        if info.row_groups and _group_rows(pf.metadata) != info.row_groups:
+            raise ShardError(f"{where}: its row groups hold {list(_group_rows(pf.metadata))[:8]}... rows but the "
+                             f"manifest says {list(info.row_groups)[:8]}...; the file does not belong to this cache. "
+                             "Run `kdcache verify` for details")
         return pf
+
+    def row_groups(self) -> list[Group]:
+        """Every row group of the cache, in (shard, group) order: from the manifest, or, for caches
+        written before it recorded them, from each shard's footer (read once per reader)."""
+        if self._groups is None:
+            out = []
+            for info in self.shards:
+                sizes = info.row_groups
+                if not sizes:
+                    with self.loc.open(info.file) as f:
+                        sizes = _group_rows(pq.ParquetFile(f).metadata)
+                out += [Group(info, g, n) for g, n in enumerate(sizes)]
+            self._groups = out
+        return self._groups
 
     def _check_checksum(self, info: ShardInfo) -> None:
         with self.loc.open(info.file) as f:
@@ -130,16 +143,13 @@ class CacheReader:
                              "from a copy")
 
     # -- streaming --------------------------------------------------------------------------------
-    def iter_batches(self, columns: Iterable[str] | None = None, *, batch_size: int = 256, rank: int = 0,
-                     world_size: int = 1, shards: Sequence[ShardInfo] | None = None,
-                     skip_rows: int = 0) -> Iterator[pa.RecordBatch]:
-        """Record batches of this rank's shards, in order; `skip_rows` resumes mid-stream cheaply.
-
-        Whole shards and row groups before the resume point are skipped from metadata alone.
-        """
+    def iter_batches(self, columns: Iterable[str] | None = None, *, batch_size: int = 256,
+                     shards: Sequence[ShardInfo] | None = None, skip_rows: int = 0) -> Iterator[pa.RecordBatch]:
+        """Record batches of the given shards (default: all), in order; `skip_rows` resumes mid-stream
+        cheaply: whole shards and row groups before the resume point are skipped from metadata alone.
+        (Training ranks read spans instead: `read_spans`.)"""
         cols = self.resolve_columns(columns)
-        todo = assign_shards(self.shards, rank, world_size) if shards is None else list(shards)
-        for info in todo:
+        for info in self.shards if shards is None else list(shards):
             if skip_rows >= info.rows:
                 skip_rows -= info.rows
                 continue
@@ -164,6 +174,38 @@ class CacheReader:
                 pf.close()
             skip_rows = 0
 
+    def read_spans(self, spans: Sequence[Span], columns: Iterable[str] | None = None, *,
+                   batch_size: int = 256) -> Iterator[pa.RecordBatch]:
+        """The rows of `spans`, in span order, as record batches of at most `batch_size` rows.
+
+        Only the spans' row groups are read (ranged reads on object storage: no whole-shard
+        download); runs of consecutive row groups of one shard are read in one call; a shard is
+        opened (and, with verify="full", checksummed once per process) when first needed.
+        """
+        cols = self.resolve_columns(columns)
+        open_files: dict[int, pq.ParquetFile] = {}
+        try:
+            for run in _runs(spans):
+                info = run[0].shard
+                pf = open_files.get(info.index)
+                if pf is None:
+                    if len(open_files) >= _OPEN_FILES:
+                        open_files.pop(next(iter(open_files))).close()
+                    pf = open_files[info.index] = self.open_shard(info)
+                groups = [s.group for s in run]
+                sizes = [pf.metadata.row_group(g).num_rows for g in groups]
+                keep, offset = [], 0  # [lo, hi) of the run's row stream
+                for s, n in zip(run, sizes):
+                    if s.hi > n:
+                        raise ShardError(f"{self.loc.display(info.file)}: row group {s.group} holds {n} rows, "
+                                         f"fewer than the {s.hi} the manifest implies; run `kdcache verify`")
+                    keep.append((offset + s.lo, offset + s.hi))
+                    offset += n
+                yield from _slices(self._read_groups(pf, groups, cols, batch_size, info), keep)
+        finally:
+            for pf in open_files.values():
+                pf.close()
+
     def _read_groups(self, pf: pq.ParquetFile, groups: list[int], cols: list[str], batch_size: int,
                      info: ShardInfo) -> Iterator[pa.RecordBatch]:
         try:
@@ -186,3 +228,42 @@ def numpy_to_torch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
     # Zero-copy Arrow buffers are read-only; torch wants writable memory, so only those are copied.
     return {k: (v if v.dtype == object else torch.from_numpy(v if v.flags.writeable else v.copy()))
             for k, v in batch.items()}
+
+
+# Shards a `read_spans` call keeps open at once (a shuffled epoch returns to a shard many times;
+# reopening costs a footer read, which on object storage is a request).
+_OPEN_FILES = 16
+
+
+def _group_rows(meta) -> tuple[int, ...]:
+    return tuple(meta.row_group(g).num_rows for g in range(meta.num_row_groups))
+
+
+def _runs(spans: Sequence[Span]) -> Iterator[list[Span]]:
+    """Maximal runs of spans on consecutive row groups of one shard (one Parquet read each)."""
+    run: list[Span] = []
+    for s in spans:
+        if run and (s.shard.index != run[-1].shard.index or s.group != run[-1].group + 1):
+            yield run
+            run = []
+        run.append(s)
+    if run:
+        yield run
+
+
+def _slices(batches: Iterator[pa.RecordBatch], keep: list[tuple[int, int]]) -> Iterator[pa.RecordBatch]:
+    """The rows of `batches` (one stream) that fall in the sorted, disjoint ranges `keep`."""
+    offset, i = 0, 0
+    for rb in batches:
+        end = offset + rb.num_rows
+        while i < len(keep) and keep[i][0] < end:
+            lo, hi = max(keep[i][0], offset), min(keep[i][1], end)
+            if lo < hi:
+                yield rb.slice(lo - offset, hi - lo)
+            if keep[i][1] <= end:
+                i += 1
+            else:
+                break
+        offset = end
+        if i == len(keep):
+            return

@@ -170,6 +170,7 @@ class ShardWriter:
         self._pq = pq.ParquetWriter(self._hashing, self.schema,
                                     **parquet_writer_kwargs(spec, self.schema, self.options))
         self.rows = self.tokens = 0
+        self.row_groups: list[int] = []  # one per write_batch (a batch is one row group)
         self.first_id: int | None = None
         self.last_id: int | None = None
         self._done = False
@@ -188,6 +189,7 @@ class ShardWriter:
         self.first_id = int(ids.min()) if self.first_id is None else min(self.first_id, int(ids.min()))
         self.last_id = int(ids.max()) if self.last_id is None else max(self.last_id, int(ids.max()))
         self.rows += rb.num_rows
+        self.row_groups.append(rb.num_rows)
         self.tokens += int(rb.column("length").to_numpy().sum())
 
     def write(self, batch: Mapping[str, Any]) -> None:
@@ -210,7 +212,7 @@ class ShardWriter:
         self._done = True
         info = ShardInfo(file=f"{SHARD_DIR}/{self.name}", index=self.index, rows=self.rows, tokens=self.tokens,
                          bytes=self._hashing.size, checksum=self._hashing.digest,
-                         sample_id_first=self.first_id, sample_id_last=self.last_id)
+                         sample_id_first=self.first_id, sample_id_last=self.last_id, row_groups=tuple(self.row_groups))
         # Without its marker the shard is not committed: a re-run writes it again.
         with writing(self.loc.display(SHARD_DIR, marker_name(self.index))):
             self.loc.write_text_atomic(marker_name(self.index), json.dumps(asdict(info)) + "\n", SHARD_DIR)

@@ -33,6 +33,7 @@ def train_config_from_args(args):
 def cmd_train(args) -> int:
     from kdcache.pipeline.common.jsonout import print_json
     from kdcache.pipeline.student.trainer import train, validate
+    from kdcache.pipeline.student.trainer.plan import describe_data
 
     cfg = train_config_from_args(args)
     if args.validate:
@@ -43,6 +44,7 @@ def cmd_train(args) -> int:
             print(f"ok: {report['steps']} steps x {cfg.batch_size} rows x {cfg.workers} worker(s); losses "
                   f"{report['loss_weights']} (T={report['temperature']}); reads {', '.join(report['columns'])}; "
                   f"rows per rank {report['rows_per_rank']}" + ("; hidden projection" if report["projection"] else ""))
+            print(describe_data(report["data"]))
         return 0
     try:
         summary = train(cfg)

@@ -41,7 +41,7 @@ class TrainConfig:
 
     # -- optimisation --------------------------------------------------------------------------
     steps: int = field(default=0, metadata=flag(
-        "optimiser steps (default 0 = one pass over the cache: the smallest rank's rows)"))
+        "optimiser steps (default 0 = one pass over the cache: every rank's batches of one epoch)"))
     batch_size: int = field(default=32, metadata=flag("rows per worker per step"))
     lr: float = field(default=5e-4, metadata=flag("peak learning rate"))
     weight_decay: float = field(default=0.01, metadata=flag("AdamW weight decay on matrices"))
@@ -52,8 +52,10 @@ class TrainConfig:
     warmup_ratio: float = 0.0  # used when warmup_steps is 0: share of `steps`
     schedule: str = "linear"  # linear | cosine | constant (after warmup)
     max_grad_norm: float = 1.0  # 0 = no clipping
-    seed: int = field(default=0, metadata=flag("seed for initialisation, dropout and the shard shuffle"))
-    shuffle: bool = False  # seeded shard-order shuffle per epoch (rows inside a shard keep their order)
+    seed: int = field(default=0, metadata=flag("seed for initialisation, dropout and the data shuffle"))
+    # Seeded per epoch: the order of the cache's row groups, then rows within windows of shuffle_buffer rows.
+    shuffle: bool = False
+    shuffle_buffer: int = 0  # rows permuted together with shuffle (0 = 4 batches); memory holds one window
 
     # -- checkpoints and failures --------------------------------------------------------------
     checkpoint_every: int = field(default=100, metadata=flag("checkpoint every N steps (the last step always)"))
@@ -62,7 +64,7 @@ class TrainConfig:
         "worker failures to recover from, restarting at the last checkpoint"))
 
     # -- where it runs -------------------------------------------------------------------------
-    workers: int = field(default=1, metadata=flag("Ray Train workers (each reads its own shards)"))
+    workers: int = field(default=1, metadata=flag("Ray Train workers (each reads its own rows: any number up to the cache's row groups)"))
     use_gpu: bool = field(default=False, metadata=flag("one GPU per worker"))
     cpus_per_worker: float = 0.0  # 0 = auto: 1 per GPU worker; on CPU (cluster CPUs - 1) / workers, <= 1
     threads: int = 0  # torch intra-op threads per worker (0 = leave torch's / Ray's choice)

@@ -1,10 +1,11 @@
-"""Every column type survives a write and a read; projection and shard assignment behave."""
+"""Every column type survives a write and a read; projection and resuming a stream behave
+(which rank reads which rows: test_assign.py)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from kdcache.storage import CacheReader, CacheSpec, ColumnError, assign_shards
+from kdcache.storage import CacheReader, CacheSpec, ColumnError
 from kdcache.storage.codecs import get_topk_codec
 from tests.support import write_cache
 
@@ -92,21 +93,6 @@ def test_projection_reads_only_what_is_asked(tmp_path, full_spec):
         reader.resolve_columns(["hidden_5"])
     with pytest.raises(ColumnError, match="'sampled' is not in the cache"):
         reader.resolve_columns(["sampled"])  # a top-k cache holds no RS-KD columns
-
-
-@pytest.mark.parametrize("world_size", [1, 2, 3, 5])
-def test_rank_assignment_covers_every_shard_once(tmp_path, full_spec, world_size):
-    write_cache(tmp_path / "c", full_spec, shards=4)
-    reader = CacheReader(str(tmp_path / "c"))
-    seen = []
-    for rank in range(world_size):
-        mine = assign_shards(reader.shards, rank, world_size)
-        assert mine == assign_shards(reader.shards, rank, world_size)  # deterministic
-        seen += [int(i) for b in reader.iter_batches(["sample_id"], rank=rank, world_size=world_size)
-                 for i in b.column("sample_id").to_numpy()]
-    assert sorted(seen) == list(range(reader.manifest.rows))
-    with pytest.raises(ValueError, match="rank"):
-        assign_shards(reader.shards, world_size, world_size)
 
 
 def test_skip_rows_resumes_exactly(tmp_path, full_spec):

@@ -3,7 +3,7 @@ writer and the one reader.
 
 A checkpoint holds model, optimiser, scheduler, loss-module (projection) and RNG state plus, per
 rank, the data position (epoch, rows consumed in that epoch). Data order is a pure function of
-(seed, epoch, rank) and dropout is reseeded from (seed, step, rank) before every step, so the losses
+(the cache's row groups, seed, epoch, world size, rank: `kdcache.storage.assign`) and dropout is reseeded from (seed, step, rank) before every step, so the losses
 after a resume equal an uninterrupted run's and no row is read twice or skipped.
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 from kdcache.pipeline.student.config import TrainConfig
 from kdcache.pipeline.student.trainer.plan import CompatibilityError, RunPlan
 from kdcache.pipeline.student.trainer.step import Components
+from kdcache.storage import DATA_ORDER
 
 
 @dataclass
@@ -93,18 +94,27 @@ class RaySession:
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d), checkpoint_dir_name=f"step-{step:08d}")
 
 
-# Data-order settings a checkpoint's positions are only valid under.
-RESUME_KEYS = ("batch_size", "workers", "seed", "shuffle")
+# Data-order settings a checkpoint's positions are only valid under. A different number of workers is
+# refused, not re-derived: a rank's position is rows of its own range, and the ranges of another world
+# size cut the epoch elsewhere, so the rows already read would not be a prefix of any new rank's range.
+RESUME_KEYS = ("batch_size", "workers", "seed", "shuffle", "shuffle_buffer")
+_RESUME_DEFAULTS = {"shuffle_buffer": 0}  # checkpoints written before the key existed
 
 
 def _state_of(cfg: TrainConfig, plan: RunPlan, step: int) -> dict[str, Any]:
-    return {"step": step, "cache_fingerprint": plan.cache_fingerprint, **{k: getattr(cfg, k) for k in RESUME_KEYS},
-            "config": dataclasses.asdict(cfg)}
+    return {"step": step, "cache_fingerprint": plan.cache_fingerprint, "data_order": DATA_ORDER,
+            **{k: getattr(cfg, k) for k in RESUME_KEYS}, "config": dataclasses.asdict(cfg)}
 
 
 def check_resume(state: dict[str, Any], cfg: TrainConfig, plan: RunPlan, where: str) -> None:
-    diffs = [f"{k}: checkpoint {state.get(k)!r}, now {getattr(cfg, k)!r}" for k in RESUME_KEYS
-             if state.get(k) != getattr(cfg, k)]
+    diffs = [f"{k}: checkpoint {state.get(k, _RESUME_DEFAULTS.get(k))!r}, now {getattr(cfg, k)!r}"
+             for k in RESUME_KEYS if state.get(k, _RESUME_DEFAULTS.get(k)) != getattr(cfg, k)]
+    if state.get("workers") not in (None, cfg.workers):
+        diffs.append("a run resumes only with the workers it started with (each rank's position is within "
+                     "its own rows)")
+    if state.get("data_order") != DATA_ORDER:
+        diffs.append(f"its data positions are in another assignment of rows to workers "
+                     f"({state.get('data_order') or 'whole shards per worker'}; this kdcache: {DATA_ORDER})")
     if state.get("cache_fingerprint") != plan.cache_fingerprint:
         diffs.append("the cache differs (fingerprint)")
     if diffs:

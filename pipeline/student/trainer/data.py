@@ -12,36 +12,39 @@ import torch
 
 
 class RankStream:
-    """Fixed-size batches over one rank's shards.
+    """Fixed-size batches over one rank's rows of an epoch (`kdcache.storage.assign`).
 
-    Batch i of an epoch is rows [i·B, (i+1)·B) of the rank's row stream, whatever the shards' row
-    groups: record batches are re-cut here, across shard boundaries, so `skip_rows = i·B` resumes
-    on exactly the batch an uninterrupted run would read next. The last batch of an epoch may be
-    short; nothing is dropped.
+    Every rank of a world gets the same number of batches per epoch (`steps_per_epoch`), whatever
+    the cache's shard count. Batch i of an epoch is rows [i·B, (i+1)·B) of the rank's row stream,
+    re-cut across row groups and shards, so `skip_rows = i·B` resumes on exactly the batch an
+    uninterrupted run reads next. A rank's last batch of an epoch may be short.
+
+    With `shuffle`, the epoch's row-group order is permuted by (seed, epoch), and rows are permuted
+    within consecutive windows of `shuffle_buffer` rows of the rank's stream by (seed, epoch, rank,
+    window): memory holds one window, and a resume re-reads only the window it stopped in.
     """
 
     def __init__(self, reader, columns: list[str], batch_size: int, rank: int, world_size: int, seed: int = 0,
-                 shuffle: bool = False):
-        from kdcache.storage import assign_shards
-
+                 shuffle: bool = False, shuffle_buffer: int = 0):
         self.reader, self.columns, self.batch_size = reader, columns, batch_size
-        self.rank, self.seed, self.shuffle = rank, seed, shuffle
-        self.shards = assign_shards(reader.shards, rank, world_size)
-        self.rows_per_epoch = sum(s.rows for s in self.shards)
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.shuffle_buffer = shuffle_buffer or default_shuffle_buffer(batch_size)
+        first = self.assignment(0)  # raises AssignmentError here, at start, for too many ranks
+        self.rows_per_epoch = first.rows_per_rank[rank]
+        self.steps_per_epoch = first.steps
 
-    def shard_order(self, epoch: int) -> list:
-        if not self.shuffle:
-            return list(self.shards)
-        order = np.random.default_rng([self.seed, epoch, self.rank]).permutation(len(self.shards))
-        return [self.shards[i] for i in order]
+    def assignment(self, epoch: int):
+        from kdcache.storage import assign
+
+        return assign(self.reader.row_groups(), self.world_size, self.batch_size, epoch=epoch, seed=self.seed,
+                      shuffle=self.shuffle)
 
     def record_batches(self, epoch: int, skip_rows: int = 0):
         """(Arrow record batch of up to B rows) in order, starting `skip_rows` into the epoch."""
         import pyarrow as pa
 
         pending, have = [], 0
-        for rb in self.reader.iter_batches(self.columns, batch_size=self.batch_size, shards=self.shard_order(epoch),
-                                           skip_rows=skip_rows):
+        for rb in self._rows(epoch, skip_rows):
             while rb.num_rows:
                 take = min(self.batch_size - have, rb.num_rows)
                 pending.append(rb.slice(0, take))
@@ -53,9 +56,34 @@ class RankStream:
         if pending:
             yield pending[0] if len(pending) == 1 else pa.concat_batches(pending)
 
+    def _rows(self, epoch: int, skip_rows: int):
+        """The rank's rows of the epoch from `skip_rows` on, as record batches of any size."""
+        import pyarrow as pa
+
+        from kdcache.storage.assign import take
+
+        spans = self.assignment(epoch).spans[self.rank]
+        if not self.shuffle:
+            yield from self.reader.read_spans(take(spans, skip_rows), self.columns, batch_size=self.batch_size)
+            return
+        w = self.shuffle_buffer
+        for window in range(skip_rows // w, -(-self.rows_per_epoch // w)):
+            parts = list(self.reader.read_spans(take(spans, window * w, (window + 1) * w), self.columns,
+                                                batch_size=self.batch_size))
+            table = pa.Table.from_batches(parts).combine_chunks()
+            perm = np.random.default_rng([self.seed, epoch, self.rank, window]).permutation(table.num_rows)
+            start = skip_rows - window * w if window == skip_rows // w else 0
+            yield from table.take(perm[start:]).to_batches()
+
     def batches(self, epoch: int, skip_rows: int = 0) -> Iterator[dict[str, Any]]:
         for rb in self.record_batches(epoch, skip_rows):
             yield decode_batch(rb, self.reader.spec)
+
+
+def default_shuffle_buffer(batch_size: int) -> int:
+    """Rows permuted together with `shuffle` when `shuffle_buffer` is 0: four batches' worth, so a
+    batch mixes rows of several row groups while memory stays a few batches."""
+    return 4 * batch_size
 
 
 def decode_batch(rb, cache_spec) -> dict[str, Any]:

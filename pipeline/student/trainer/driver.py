@@ -16,7 +16,7 @@ from kdcache.pipeline.common.console import worker_env as console_worker_env
 from kdcache.pipeline.student.config import TrainConfig
 from kdcache.pipeline.student.trainer.checkpoint import check_resume
 from kdcache.pipeline.student.trainer.loop import train_loop
-from kdcache.pipeline.student.trainer.plan import RunPlan, plan_run
+from kdcache.pipeline.student.trainer.plan import RunPlan, describe_data, plan_run
 from kdcache.storage.fs import is_url
 
 
@@ -91,6 +91,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
     cfg = normalize(cfg)
     plan = plan_run(cfg)
     _check_existing_checkpoint(cfg, plan)
+    log(describe_data(plan.data))
     state, where = _latest_state(cfg)
     if state is not None:
         log(f"resuming from {where} (step {state['step']} of {plan.steps})")

@@ -38,7 +38,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     plan = plan_run(cfg, check_tokenizer=False)  # the driver already compared tokenizers
     c = build_components(cfg, plan, device, world)
     reader = CacheReader(cfg.cache, verify=cfg.verify)
-    stream = RankStream(reader, plan.columns, cfg.batch_size, rank, world, cfg.seed, cfg.shuffle)
+    stream = RankStream(reader, plan.columns, cfg.batch_size, rank, world, cfg.seed, cfg.shuffle, cfg.shuffle_buffer)
     pos = restore_checkpoint(session, cfg, plan, c)
     resumed_from = pos.step
     if world > 1:
@@ -102,8 +102,8 @@ def _device(cfg: TrainConfig) -> torch.device:
 def _batches(stream: RankStream, pos: Position, prefetch: int, rank: int) -> Iterator[dict[str, Any]]:
     """The rank's batches from `pos` on, epoch after epoch; at an epoch's end `pos` moves to the next.
 
-    Ranks may hold different row counts: each wraps on its own, steps stay in lockstep. `pos.rows`
-    is advanced by the loop, so an epoch that yielded nothing is seen here.
+    Every rank has the same batches per epoch, so ranks wrap together. `pos.rows` is advanced by the
+    loop, so an epoch that yielded nothing is seen here.
     """
     empty_epochs = 0
     while True:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ class RunPlan:
     columns: list[str]  # what every worker reads (only what the losses need)
     steps: int
     rows_per_rank: list[int]
+    data: dict[str, Any]  # the epoch's split over the workers (`Assignment.summary`)
     student: dict[str, Any]
     teacher_layers: int
     teacher_hidden: int | None
@@ -39,7 +39,7 @@ class RunPlan:
         s = self.loss_spec
         return {"loss_weights": s.active(), "temperature": s.temperature, "kd_tail": s.kd_tail,
                 "layer_map": s.layer_map, "cos_layer": s.cos_layer, "columns": self.columns, "steps": self.steps,
-                "rows_per_rank": self.rows_per_rank, "student": {k: v for k, v in self.student.items() if k != "meta"},
+                "rows_per_rank": self.rows_per_rank, "data": self.data, "student": {k: v for k, v in self.student.items() if k != "meta"},
                 "teacher_layers": self.teacher_layers, "teacher_hidden_size": self.teacher_hidden,
                 "projection": bool(self.teacher_hidden and self.student["hidden_size"]
                                    and self.teacher_hidden != self.student["hidden_size"]
@@ -122,11 +122,15 @@ def plan_run(cfg: TrainConfig, *, check_tokenizer: bool | None = None) -> RunPla
     except ValueError as exc:
         raise CompatibilityError(f"loss spec rejected: {exc}") from None
 
-    # 4. data: every rank needs rows
-    rows = _rows_per_rank(cfg, reader)
-    steps = cfg.steps or min(math.ceil(n / cfg.batch_size) for n in rows)
+    # 4. data: which rows each rank reads (row groups, not shards: any number of workers up to those)
+    if cfg.shuffle_buffer < 0:
+        raise ValueError(f"shuffle_buffer must be >= 0 (0 = four batches), got {cfg.shuffle_buffer}")
+    data = _assignment(cfg, reader)
+    rows = data.rows_per_rank
+    steps = cfg.steps or data.steps
     terms = spec.active_terms()
-    return RunPlan(loss_spec=spec, columns=columns, steps=int(steps), rows_per_rank=rows, student=student,
+    return RunPlan(loss_spec=spec, columns=columns, steps=int(steps), rows_per_rank=rows, data=data.summary(),
+                   student=student,
                    teacher_layers=n_teacher, teacher_hidden=t_h, cache_fingerprint=header.fingerprint,
                    needs_hidden=any("hidden_states" in t.outputs for t in terms),
                    needs_attentions=any("attentions" in t.outputs for t in terms))
@@ -206,14 +210,25 @@ def _columns(cfg: TrainConfig, spec: LossSpec, reader) -> list[str]:
     return reader.resolve_columns(cache_columns(wanted, cspec))
 
 
-def _rows_per_rank(cfg: TrainConfig, reader) -> list[int]:
-    from kdcache.storage import assign_shards
+def describe_data(data: dict[str, Any]) -> str:
+    """One line for the terminal: how the epoch is split over the workers."""
+    where = f"{data['row_groups']} row groups of {data['shards']} shard(s)"
+    batches = sorted(set(data["batches_per_rank"]))
+    line = (f"data: {data['rows']} rows in {where} -> {data['workers']} worker(s): rows per worker "
+            f"{data['rows_per_rank']}, {'/'.join(map(str, batches))} batches each per epoch")
+    if data["repeated_rows"]:
+        line += f"; {data['repeated_rows']} row(s) read twice per epoch to even out the last step"
+    return line
 
-    if len(reader.shards) < cfg.workers:
-        raise CompatibilityError(f"the cache has {len(reader.shards)} shard(s), fewer than --workers {cfg.workers}: "
-                                 "each worker reads whole shards; use fewer workers (or a cache with more shards, "
-                                 "--shard-tokens)")
-    return [sum(s.rows for s in assign_shards(reader.shards, r, cfg.workers)) for r in range(cfg.workers)]
+
+def _assignment(cfg: TrainConfig, reader):
+    """Epoch 0's split of the cache over the workers (every epoch's has the same sizes)."""
+    from kdcache.storage import AssignmentError, assign
+
+    try:
+        return assign(reader.row_groups(), cfg.workers, cfg.batch_size, seed=cfg.seed, shuffle=cfg.shuffle)
+    except AssignmentError as exc:
+        raise CompatibilityError(f"--workers {cfg.workers}: {exc}") from None
 
 
 def cache_columns(needed: set[str], cache_spec) -> list[str]:

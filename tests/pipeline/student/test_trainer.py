@@ -21,7 +21,7 @@ from kdcache.pipeline.student.trainer import train, validate
 from kdcache.pipeline.student.trainer.driver import normalize
 from kdcache.pipeline.student.trainer.plan import CompatibilityError
 from kdcache.pipeline.student.config import load_train_config
-from kdcache.storage import CacheReader, ColumnError, assign_shards
+from kdcache.storage import CacheReader, ColumnError, assign
 from tests.support import WORDS, llama_tokenizer, make_teacher, tiny_corpus
 
 BATCH = 4
@@ -62,6 +62,12 @@ def _cfg(root: Path, out: str, recipe: str = "distilbert", student: str = "stude
 
 def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assigned_ids(reader, rank: int, world: int) -> list[int]:
+    """Sample ids of rank's epoch-0 rows under the row-group assignment (ids read from the spans)."""
+    spans = assign(reader.row_groups(), world, BATCH).spans[rank]
+    return [int(i) for b in reader.read_spans(spans, ["sample_id"]) for i in b.column("sample_id").to_numpy()]
 
 
 def _samples(run: Path, rank: int) -> list[dict]:
@@ -114,17 +120,21 @@ def test_head_only_where_read_trains_like_the_full_logits(setup, kd_positions):
 
 def test_in_process_resume_is_exact_across_epochs(setup):
     """Crash after a checkpoint, re-run: the same losses and rows as one uninterrupted run (shuffled
-    shard order, an epoch boundary and a short last batch included)."""
+    row-group order, a resume in the middle of a shuffle window, an epoch boundary and a short last
+    batch included)."""
     rows = CacheReader(str(setup / "cache")).manifest.rows
     steps = math.ceil(rows / 5) + 3
-    extra = ["shuffle=true", "log_samples=true", "checkpoint_every=4", "batch_size=5"]  # batches span shards
+    # batches span row groups and shards; the step-4 checkpoint (row 20) falls inside the third 7-row window
+    extra = ["shuffle=true", "shuffle_buffer=7", "log_samples=true", "checkpoint_every=4", "batch_size=5"]
     train(_cfg(setup, "ref", no_ray=True, steps=steps, overrides=extra), log=lambda *_: None)
     crashed = _cfg(setup, "crash", no_ray=True, steps=steps, overrides=[*extra, "fail_at_step=7"])
     with pytest.raises(RuntimeError, match="injected failure before step 7"):
         train(crashed, log=lambda *_: None)
     said: list[str] = []
     summary = train(crashed, log=said.append)
-    assert summary["resumed_from_step"] == 4 and "resuming" in said[0]
+    assert summary["resumed_from_step"] == 4 and "resuming" in said[1]
+    assert said[0] == f"data: {rows} rows in 17 row groups of 9 shard(s) -> 1 worker(s): rows per worker [{rows}], " \
+                      f"{math.ceil(rows / 5)} batches each per epoch"
     ref, got = _metrics(setup / "ref"), _metrics(setup / "crash")
     assert [r["step"] for r in got] == list(range(1, steps + 1))
     for a, b in zip(ref, got):
@@ -295,7 +305,8 @@ def test_layer_map_outside_the_cached_layers(setup):
                       overrides=["loss_weights.attn=0"]))
     with pytest.raises(CompatibilityError, match="student layer 5"):
         validate(_cfg(setup, "x", cos_layer="5:4"))
-    with pytest.raises(CompatibilityError, match="fewer than --workers 99"):
+    with pytest.raises(CompatibilityError, match=r"--workers 99: the cache has \d+ row group\(s\) in \d+ shard\(s\), "
+                                                 "fewer than the 99 workers asked for"):
         validate(_cfg(setup, "x", workers=99))
 
 
@@ -326,8 +337,7 @@ def test_cli_validate_and_overrides(setup, capsys, tmp_path):
 
 
 def _ray_cfg(setup, out: str, **extra):
-    rows = [sum(s.rows for s in assign_shards(CacheReader(str(setup / "cache")).shards, r, 2)) for r in range(2)]
-    steps = max(math.ceil(n / BATCH) for n in rows) + 1  # every rank finishes epoch 0, the smaller one wraps
+    steps = assign(CacheReader(str(setup / "cache")).row_groups(), 2, BATCH).steps + 1  # epoch 0, then one of epoch 1
     overrides = ["checkpoint_every=3", "keep_checkpoints=2", "log_samples=true", "tensorboard=false",
                  *extra.pop("overrides", [])]
     return _cfg(setup, out, workers=2, steps=steps, overrides=overrides, **extra)
@@ -393,9 +403,7 @@ def test_ray_failures_resume_exactly(setup, reference_run, capsys):
     for rank in range(2):
         assert _samples(run, rank) == _samples(Path(ref_cfg.out), rank)
         seen = [i for s in _samples(run, rank) if s["epoch"] == 0 for i in s["sample_ids"]]
-        mine = [i for sh in assign_shards(reader.shards, rank, 2)
-                for i in range(sh.sample_id_first, sh.sample_id_last + 1)]
-        assert seen == mine  # each of the rank's rows once, in order: none twice, none skipped
+        assert seen == _assigned_ids(reader, rank, 2)  # each of the rank's rows once, in order: none twice, none skipped
 
 
 @pytest.mark.ray
