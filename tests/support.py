@@ -166,3 +166,22 @@ def byte_level_tokenizer(vocab_size: int = 400):
     tok.train_from_iterator([" ".join(WORDS)] * 4, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
                                    pad_token="<pad>", unk_token="<|endoftext|>")
+
+
+# -- what a training run wrote ----------------------------------------------------------------------
+
+def run_metrics(run) -> list[dict]:
+    """<run>/metrics.jsonl, one dict per step."""
+    import json
+    from pathlib import Path
+
+    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_samples(run, rank: int) -> list[dict]:
+    """<run>/samples/rank-N.jsonl (log_samples=true): {step, epoch, sample_ids} per step of that rank."""
+    import json
+    from pathlib import Path
+
+    path = Path(run) / "samples" / f"rank-{rank:05d}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]

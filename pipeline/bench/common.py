@@ -109,15 +109,25 @@ def status_kb(field: str = "VmHWM") -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # not Linux: best effort
 
 
-def run_child(flags: list[str], what: str, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """`python -m kdcache.pipeline.bench.train FLAGS` in a fresh process; its last line, as JSON."""
+def start_child(flags: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`python -m kdcache.pipeline.bench.train FLAGS` in a fresh process, started, not waited for."""
     root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, **(env or {}), "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "-m", "kdcache.pipeline.bench.train", *flags], capture_output=True,
-                          text=True, env=env, cwd=root)
+    return subprocess.Popen([sys.executable, "-m", "kdcache.pipeline.bench.train", *flags], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=root)
+
+
+def finish_child(proc: subprocess.Popen, what: str) -> dict[str, Any]:
+    """Wait for a `start_child` process; its last stdout line, as JSON."""
+    out, err = proc.communicate()
     if proc.returncode:
-        raise RuntimeError(f"{what} failed: {proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"{what} failed: {err[-2000:]}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def run_child(flags: list[str], what: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """`python -m kdcache.pipeline.bench.train FLAGS` in a fresh process; its last line, as JSON."""
+    return finish_child(start_child(flags, env), what)
 
 
 def log(msg: str) -> None:

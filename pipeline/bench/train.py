@@ -24,6 +24,8 @@ Figures (step = forward + backward + optimiser step of the student, on the same 
                                   the same student's plain MLM cross-entropy step from the cache
   reader_over_train               shard-reader tokens/s (read + decode to tensors, one process) /
                                   student training tokens/s of one worker
+  reader_over_train_2_workers     the same for the slower of 2 ranks reading their halves of a
+                                  1-shard cache at once (2 processes; no shard per worker needed)
   rss_ratio_10x                   peak RSS of a fresh process streaming a 10x larger cache / the
                                   1x cache (1.0 = streaming: memory does not grow with the cache)
   ray_train_startup_s             TorchTrainer.fit() to the first batch in the worker (1 worker)
@@ -51,7 +53,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kdcache.pipeline.bench.common import log, run_child, status_kb
+from kdcache.pipeline.bench.common import finish_child, log, run_child, start_child, status_kb
 
 SIZES = {
     # sequences in the 1x cache, tokens per sequence, rows per step, warm-up steps per variant, rounds
@@ -75,6 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk", type=int, default=128, help="smollm2 only: rows per chunk of the chunked variant")
     p.add_argument("--llm-child", default=None, help=argparse.SUPPRESS)  # internal: one memory measurement
     p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)  # internal: one streaming reader
+    p.add_argument("--reader-child", default=None, help=argparse.SUPPRESS)  # internal: one rank's reader
     p.add_argument("--batch-size", type=int, default=8, help=argparse.SUPPRESS)
 
 
@@ -115,8 +118,9 @@ def make_corpus(path: Path, tokens: int, seed: int = 0) -> str:
     return str(path)
 
 
-def copy_cache(src: str, dst: str, copies: int) -> None:
-    """Write `copies` x the rows of `src` (sample ids shifted) into a new cache with the same options."""
+def copy_cache(src: str, dst: str, copies: int, one_shard_rows: int = 0) -> None:
+    """Write `copies` x the rows of `src` (sample ids shifted) into a new cache with the same options;
+    with `one_shard_rows`, everything into one shard of row groups of that many rows."""
     import dataclasses
 
     from kdcache.storage import CacheReader, CacheWriter
@@ -127,6 +131,14 @@ def copy_cache(src: str, dst: str, copies: int) -> None:
     writer = CacheWriter(dst, header, overwrite=True)
     n_rows = reader.manifest.rows
     index = 0
+    if one_shard_rows:
+        with writer.shard_writer(0) as w:
+            for c in range(copies):
+                for batch in reader.iter_numpy(None, batch_size=one_shard_rows):
+                    batch["sample_id"] = batch["sample_id"] + c * n_rows
+                    w.write(batch)
+        writer.commit(expected_shards=1)
+        return
     for c in range(copies):
         for shard in reader.shards:
             with writer.shard_writer(index) as w:
@@ -201,13 +213,14 @@ def rss_child(cache: str, batch_size: int) -> dict[str, Any]:
 
 
 
-def _reader_tokens_per_s(cache: str, columns: list[str], batch_size: int, min_s: float) -> float:
+def _reader_tokens_per_s(cache: str, columns: list[str], batch_size: int, min_s: float, rank: int = 0,
+                         world: int = 1) -> float:
     from kdcache.storage import CacheReader
 
     from kdcache.pipeline.student.trainer import RankStream
 
     reader = CacheReader(cache, verify="full")
-    stream = RankStream(reader, columns, batch_size, 0, 1)
+    stream = RankStream(reader, columns, batch_size, rank, world)
     tokens, t0, epoch = 0, time.perf_counter(), 0
     while time.perf_counter() - t0 < min_s or epoch == 0:
         for batch in stream.batches(epoch):
@@ -255,6 +268,11 @@ def limit_step(model, optimizer, params, batch: dict, masked: bool, temperature:
 def run(args) -> int:
     if args.rss_child:
         print(json.dumps(rss_child(args.rss_child, args.batch_size)))
+        return 0
+    if args.reader_child:  # one rank of a world reading its rows, beside the other ranks' processes
+        cache, rank, world, min_s, columns = args.reader_child.split("|")
+        print(json.dumps({"tokens_per_s": _reader_tokens_per_s(cache, columns.split(","), args.batch_size,
+                                                               float(min_s), int(rank), int(world))}))
         return 0
     if args.teacher == "smollm2" or args.llm_child:
         from kdcache.pipeline.bench.train_llm import run as run_llm
@@ -396,6 +414,14 @@ def run(args) -> int:
         # -- reader throughput, one process -------------------------------------------------------
         reader_tps = _reader_tokens_per_s(cache, plan_all.columns, B, min_s=3.0 if args.quick else 8.0)
 
+        # -- two workers on a one-shard cache: each rank reads its half, both processes at once -----
+        cache1 = str(work / "cache-1shard")
+        copy_cache(cache, cache1, 1, one_shard_rows=B)
+        min_s = 3.0 if args.quick else 8.0
+        spec = "|".join([cache1, "{rank}", "2", str(min_s), ",".join(plan_all.columns)])
+        procs = [start_child(["--reader-child", spec.format(rank=r), "--batch-size", str(B)]) for r in range(2)]
+        reader2_tps = min(finish_child(p, "reader child")["tokens_per_s"] for p in procs)
+
         # -- streaming memory: 1x vs 10x cache, each in a fresh process --------------------------
         cache10 = str(work / "cache10")
         t0 = time.perf_counter()
@@ -433,6 +459,8 @@ def run(args) -> int:
             "cached_over_limit_step_masked": med["cache_masked"] / med["limit_masked"],
             "kd_over_ce_step": med["cache_kd"] / med["cache_ce"],
             "reader_over_train": reader_tps / train_tps,
+            "reader_over_train_2_workers": reader2_tps / train_tps,
+            "reader_tokens_per_s_2_workers": reader2_tps,
             "rss_ratio_10x": rss10["peak_rss_kb"] / rss1["peak_rss_kb"],
             "ray_train_startup_s": ray_startup,
             "ray_init_s": ray_init_s,
@@ -461,6 +489,8 @@ def run(args) -> int:
     print(f"KD + MLM step / MLM-only step, both from cache    {result['kd_over_ce_step']:.3f}x (goal <= 1.10)")
     print(f"reader tokens/s / training tokens/s per worker    {result['reader_over_train']:.1f}x "
           f"({reader_tps:,.0f} vs {train_tps:,.0f})")
+    print(f"the same, 2 workers sharing a 1-shard cache       {result['reader_over_train_2_workers']:.1f}x "
+          f"({reader2_tps:,.0f} per worker, both reading at once)")
     print(f"peak RSS streaming 10x / 1x cache                 {result['rss_ratio_10x']:.3f} "
           f"({rss10['peak_rss_kb'] / 1024:.0f} vs {rss1['peak_rss_kb'] / 1024:.0f} MB)")
     if ray_startup is not None:

@@ -99,7 +99,8 @@ def cmd_plan(args) -> int:
     for note in prep.notes:
         print(note)
     tps = args.tokens_per_s or (measure_tokens_per_s(prep) if args.measure else None)
-    plan = make_plan(prep, tokens=args.corpus_tokens, tokens_per_s=tps)
+    plan = make_plan(prep, tokens=args.corpus_tokens, tokens_per_s=tps, train_workers=args.train_workers,
+                     train_batch_size=args.train_batch_size)
     print(format_plan(plan))
     if args.json:
         print_json(plan)
@@ -207,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="corpus size in tokens, when reading the corpus to count it would take too long")
     s.add_argument("--tokens-per-s", type=float, default=None, help="teacher throughput to assume")
     s.add_argument("--measure", action="store_true", help="time a few real teacher forwards on this machine")
+    s.add_argument("--train-workers", type=int, default=0,
+                   help="also show how `kdcache train --workers N` would split the cache (rows, batches per worker)")
+    s.add_argument("--train-batch-size", type=int, default=32, help="with --train-workers: rows per worker per step")
     s.add_argument("--json", action="store_true", help="print one JSON object (last line)")
     s.set_defaults(func=cmd_plan)
 

@@ -140,8 +140,8 @@ def tang_augment(rows: list[dict], n_iter: int = 20, p_mask: float = 0.1, p_pos:
 def write_transfer_set(rows: list[dict], path: Path, *, shuffle: bool = True, **options: Any) -> dict[str, Any]:
     """`tang_augment` written to `path` (JSONL, atomic) with its stats beside it (`<path stem>.stats.json`).
 
-    `shuffle` (seeded by `options["seed"]`): the trainer shuffles shard order, not the rows inside a
-    shard, so the file order is what mixes originals and copies within a batch."""
+    `shuffle` (seeded by `options["seed"]`): the trainer's own shuffle permutes row groups and rows
+    within a window of a few batches, so the file order is what mixes originals and copies across it."""
     from kdcache.pipeline.common.jsonout import write_jsonl
 
     out, stats = tang_augment(rows, **options)

@@ -106,6 +106,27 @@ def test_projected_read_fetches_only_its_columns(s3, big_cache):
         proxy.close()
 
 
+def test_ranks_sharing_one_shard_each_fetch_only_their_row_groups(s3):
+    """Two training ranks on a one-shard cache: ranged reads of their own row groups, not two downloads."""
+    from kdcache.pipeline.student.trainer import RankStream
+
+    spec = CacheSpec(vocab_size=300, max_length=64, targets="topk", k=8, hidden_layers=(0,), hidden_size=128)
+    url = f"s3://{BUCKET}/one-shard"
+    manifest, _ = write_cache(url, spec, shards=1, rows_per_shard=128, batch_rows=16)
+    total, seen = manifest.shards[0].bytes, []
+    for rank in range(2):
+        proxy = FlakyProxy(s3, cut_after=0, rate=0.0)  # a byte counter, no faults
+        try:
+            reader = CacheReader(url, {"endpoint_url": proxy.endpoint, "skip_instance_cache": True}, verify="size")
+            reader.loc.read_block_size = 8 << 10
+            stream = RankStream(reader, reader.resolve_columns(["hidden_0"]), 16, rank, 2)
+            seen += [int(i) for b in stream.batches(0) for i in b["sample_id"]]
+            assert 0.4 * total < proxy.bytes_down < 0.65 * total, (rank, proxy.bytes_down, total)
+        finally:
+            proxy.close()
+    assert sorted(seen) == list(range(manifest.rows))
+
+
 def test_missing_object_fails_at_once_without_retries(s3, big_cache, caplog):
     import s3fs
 

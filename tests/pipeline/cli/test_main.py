@@ -86,3 +86,18 @@ def test_plan_prints_sizes_before_running(tmp_path, teacher):
     big = last_json(kd("plan", "--teacher", teacher, "--corpus", corpus, "--hidden-layers", "all",
                        "--corpus-tokens", "3300000000", "--json"))
     assert big["tokens"] == 3_300_000_000 and big["total_bytes"] > 1e11
+
+
+def test_plan_predicts_the_training_split_the_cache_gets(tmp_path, teacher):
+    from kdcache.storage import CacheReader, assign
+
+    corpus = tiny_corpus(tmp_path / "c.jsonl")
+    common = ["--teacher", teacher, "--corpus", corpus, "--max-length", "16", "--batch-size", "4",
+              "--shard-tokens", str(16 * 10)]
+    plan = last_json(kd("plan", *common, "--train-workers", "3", "--train-batch-size", "4", "--json"))
+    kd("cache", *common, "--out", tmp_path / "o", "--executor", "local", "--no-progress")
+    reader = CacheReader(str(tmp_path / "o"))
+    groups = reader.row_groups()
+    assert plan["shards"] == len(reader.shards) > 1 and plan["row_groups"] == len(groups)
+    assert plan["training"] == assign(groups, 3, 4).summary()
+    assert "error" in last_json(kd("plan", *common, "--train-workers", str(len(groups) + 1), "--json"))["training"]

@@ -22,7 +22,7 @@ from kdcache.pipeline.student.trainer.driver import normalize
 from kdcache.pipeline.student.trainer.plan import CompatibilityError
 from kdcache.pipeline.student.config import load_train_config
 from kdcache.storage import CacheReader, ColumnError, assign
-from tests.support import WORDS, llama_tokenizer, make_teacher, tiny_corpus
+from tests.support import WORDS, llama_tokenizer, make_teacher, run_metrics as _metrics, run_samples as _samples, tiny_corpus
 
 BATCH = 4
 
@@ -60,18 +60,10 @@ def _cfg(root: Path, out: str, recipe: str = "distilbert", student: str = "stude
     return load_train_config(recipe, None, base, ["warmup_ratio=0", "lr=2e-3", *overrides])
 
 
-def _metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def _assigned_ids(reader, rank: int, world: int) -> list[int]:
     """Sample ids of rank's epoch-0 rows under the row-group assignment (ids read from the spans)."""
     spans = assign(reader.row_groups(), world, BATCH).spans[rank]
     return [int(i) for b in reader.read_spans(spans, ["sample_id"]) for i in b.column("sample_id").to_numpy()]
-
-
-def _samples(run: Path, rank: int) -> list[dict]:
-    return [json.loads(line) for line in (run / "samples" / f"rank-{rank:05d}.jsonl").read_text().splitlines()]
 
 
 # --------------------------------------------------------------------------------------------- #
