@@ -232,7 +232,7 @@ def numpy_to_torch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
 
 # Shards a `read_spans` call keeps open at once (a shuffled epoch returns to a shard many times;
 # reopening costs a footer read, which on object storage is a request).
-_OPEN_FILES = 16
+_OPEN_FILES = 4
 
 
 def _group_rows(meta) -> tuple[int, ...]:
