@@ -6,6 +6,7 @@ manifest is assembled from them once every planned shard has one.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -54,10 +55,12 @@ class ShardInfo:
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str) -> "ShardInfo":
         try:
-            return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data or k != "row_groups"})
-        except (KeyError, TypeError) as exc:
-            raise ManifestError(f"{where}: shard entry {data!r} lacks a field ({exc}); the cache is damaged: "
-                                "re-run `kdcache cache` with --overwrite") from None
+            # Fields with a default (added after the format's first version) may be absent; the others may not.
+            return cls(**{k: data[k] for k, f in cls.__dataclass_fields__.items()
+                          if k in data or f.default is dataclasses.MISSING})
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ManifestError(f"{where}: shard entry {data!r} lacks a field or holds a bad one ({exc}); the cache "
+                                "is damaged: re-run `kdcache cache` with --overwrite") from None
 
 
 @dataclass

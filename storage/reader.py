@@ -196,9 +196,6 @@ class CacheReader:
                 sizes = [pf.metadata.row_group(g).num_rows for g in groups]
                 keep, offset = [], 0  # [lo, hi) of the run's row stream
                 for s, n in zip(run, sizes):
-                    if s.hi > n:
-                        raise ShardError(f"{self.loc.display(info.file)}: row group {s.group} holds {n} rows, "
-                                         f"fewer than the {s.hi} the manifest implies; run `kdcache verify`")
                     keep.append((offset + s.lo, offset + s.hi))
                     offset += n
                 yield from _slices(self._read_groups(pf, groups, cols, batch_size, info), keep)

@@ -190,8 +190,6 @@ def online_targets(teacher, batch: dict, k: int, last_layer: int, masked: bool) 
 # --------------------------------------------------------------------------------------------- #
 
 
-
-
 def rss_child(cache: str, batch_size: int) -> dict[str, Any]:
     """In a fresh process: stream the whole cache the way a training worker does; peak RSS."""
     from kdcache.storage import CacheReader
@@ -211,8 +209,6 @@ def rss_child(cache: str, batch_size: int) -> dict[str, Any]:
             "peak_rss_kb": peak}
 
 
-
-
 def _reader_tokens_per_s(cache: str, columns: list[str], batch_size: int, min_s: float, rank: int = 0,
                          world: int = 1) -> float:
     from kdcache.storage import CacheReader
@@ -227,8 +223,6 @@ def _reader_tokens_per_s(cache: str, columns: list[str], batch_size: int, min_s:
             tokens += int(batch["attention_mask"].sum())
         epoch += 1
     return tokens / (time.perf_counter() - t0)
-
-
 
 
 def limit_step(model, optimizer, params, batch: dict, masked: bool, temperature: float, last_layer: int,

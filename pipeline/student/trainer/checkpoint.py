@@ -3,8 +3,9 @@ writer and the one reader.
 
 A checkpoint holds model, optimiser, scheduler, loss-module (projection) and RNG state plus, per
 rank, the data position (epoch, rows consumed in that epoch). Data order is a pure function of
-(the cache's row groups, seed, epoch, world size, rank: `kdcache.storage.assign`) and dropout is reseeded from (seed, step, rank) before every step, so the losses
-after a resume equal an uninterrupted run's and no row is read twice or skipped.
+(the cache's row groups, seed, epoch, world size, rank: `kdcache.storage.assign`) and dropout is
+reseeded from (seed, step, rank) before every step, so the losses after a resume equal an
+uninterrupted run's and no row is read twice or skipped.
 """
 from __future__ import annotations
 
@@ -99,6 +100,8 @@ class RaySession:
 # size cut the epoch elsewhere, so the rows already read would not be a prefix of any new rank's range.
 RESUME_KEYS = ("batch_size", "workers", "seed", "shuffle", "shuffle_buffer")
 _RESUME_DEFAULTS = {"shuffle_buffer": 0}  # checkpoints written before the key existed
+_RESUME_WHY = {"workers": " (a run resumes only with the workers it started with: each rank's position is "
+                          "within its own rows)"}
 
 
 def _state_of(cfg: TrainConfig, plan: RunPlan, step: int) -> dict[str, Any]:
@@ -107,11 +110,9 @@ def _state_of(cfg: TrainConfig, plan: RunPlan, step: int) -> dict[str, Any]:
 
 
 def check_resume(state: dict[str, Any], cfg: TrainConfig, plan: RunPlan, where: str) -> None:
-    diffs = [f"{k}: checkpoint {state.get(k, _RESUME_DEFAULTS.get(k))!r}, now {getattr(cfg, k)!r}"
-             for k in RESUME_KEYS if state.get(k, _RESUME_DEFAULTS.get(k)) != getattr(cfg, k)]
-    if state.get("workers") not in (None, cfg.workers):
-        diffs.append("a run resumes only with the workers it started with (each rank's position is within "
-                     "its own rows)")
+    saved = {k: state.get(k, _RESUME_DEFAULTS.get(k)) for k in RESUME_KEYS}
+    diffs = [f"{k}: checkpoint {saved[k]!r}, now {getattr(cfg, k)!r}{_RESUME_WHY.get(k, '')}"
+             for k in RESUME_KEYS if saved[k] != getattr(cfg, k)]
     if state.get("data_order") != DATA_ORDER:
         diffs.append(f"its data positions are in another assignment of rows to workers "
                      f"({state.get('data_order') or 'whole shards per worker'}; this kdcache: {DATA_ORDER})")

@@ -14,8 +14,8 @@ import torch
 class RankStream:
     """Fixed-size batches over one rank's rows of an epoch (`kdcache.storage.assign`).
 
-    Every rank of a world gets the same number of batches per epoch (`steps_per_epoch`), whatever
-    the cache's shard count. Batch i of an epoch is rows [i·B, (i+1)·B) of the rank's row stream,
+    Every rank of a world gets the same number of batches per epoch, whatever the cache's shard
+    count. Batch i of an epoch is rows [i·B, (i+1)·B) of the rank's row stream,
     re-cut across row groups and shards, so `skip_rows = i·B` resumes on exactly the batch an
     uninterrupted run reads next. A rank's last batch of an epoch may be short.
 
@@ -29,9 +29,8 @@ class RankStream:
         self.reader, self.columns, self.batch_size = reader, columns, batch_size
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.shuffle_buffer = shuffle_buffer or default_shuffle_buffer(batch_size)
-        first = self.assignment(0)  # raises AssignmentError here, at start, for too many ranks
-        self.rows_per_epoch = first.rows_per_rank[rank]
-        self.steps_per_epoch = first.steps
+        # Every epoch's split has the same sizes; this raises AssignmentError here, at start, for too many ranks.
+        self.rows_per_epoch = self.assignment(0).rows_per_rank[rank]
 
     def assignment(self, epoch: int):
         from kdcache.storage import assign

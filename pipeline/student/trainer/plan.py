@@ -26,7 +26,6 @@ class RunPlan:
     loss_spec: LossSpec
     columns: list[str]  # what every worker reads (only what the losses need)
     steps: int
-    rows_per_rank: list[int]
     data: dict[str, Any]  # the epoch's split over the workers (`Assignment.summary`)
     student: dict[str, Any]
     teacher_layers: int
@@ -35,11 +34,16 @@ class RunPlan:
     needs_hidden: bool
     needs_attentions: bool
 
+    @property
+    def rows_per_rank(self) -> list[int]:
+        return self.data["rows_per_rank"]
+
     def summary(self) -> dict[str, Any]:
         s = self.loss_spec
         return {"loss_weights": s.active(), "temperature": s.temperature, "kd_tail": s.kd_tail,
                 "layer_map": s.layer_map, "cos_layer": s.cos_layer, "columns": self.columns, "steps": self.steps,
-                "rows_per_rank": self.rows_per_rank, "data": self.data, "student": {k: v for k, v in self.student.items() if k != "meta"},
+                "rows_per_rank": self.rows_per_rank, "data": self.data,
+                "student": {k: v for k, v in self.student.items() if k != "meta"},
                 "teacher_layers": self.teacher_layers, "teacher_hidden_size": self.teacher_hidden,
                 "projection": bool(self.teacher_hidden and self.student["hidden_size"]
                                    and self.teacher_hidden != self.student["hidden_size"]
@@ -123,14 +127,10 @@ def plan_run(cfg: TrainConfig, *, check_tokenizer: bool | None = None) -> RunPla
         raise CompatibilityError(f"loss spec rejected: {exc}") from None
 
     # 4. data: which rows each rank reads (row groups, not shards: any number of workers up to those)
-    if cfg.shuffle_buffer < 0:
-        raise ValueError(f"shuffle_buffer must be >= 0 (0 = four batches), got {cfg.shuffle_buffer}")
     data = _assignment(cfg, reader)
-    rows = data.rows_per_rank
     steps = cfg.steps or data.steps
     terms = spec.active_terms()
-    return RunPlan(loss_spec=spec, columns=columns, steps=int(steps), rows_per_rank=rows, data=data.summary(),
-                   student=student,
+    return RunPlan(loss_spec=spec, columns=columns, steps=int(steps), data=data.summary(), student=student,
                    teacher_layers=n_teacher, teacher_hidden=t_h, cache_fingerprint=header.fingerprint,
                    needs_hidden=any("hidden_states" in t.outputs for t in terms),
                    needs_attentions=any("attentions" in t.outputs for t in terms))
@@ -143,6 +143,8 @@ def _check_options(cfg: TrainConfig) -> None:
         raise ValueError(f"batch_size and workers must be >= 1, got {cfg.batch_size}, {cfg.workers}")
     if cfg.kd_positions not in ("all", "masked"):
         raise ValueError(f"kd_positions must be 'all' or 'masked', got {cfg.kd_positions!r}")
+    if cfg.shuffle_buffer < 0:
+        raise ValueError(f"shuffle_buffer must be >= 0 (0 = four batches), got {cfg.shuffle_buffer}")
     if cfg.logit_chunk < -1:
         raise ValueError(f"logit_chunk must be -1 (one chunk), 0 (auto) or a row count, got {cfg.logit_chunk}")
     if cfg.schedule not in ("linear", "cosine", "constant"):
