@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from kdcache.pipeline.cli.flags import add_config_flags, flags_from_args
 
@@ -126,19 +127,53 @@ def _init_from_architecture(args) -> int:
     return 0
 
 
+def _init_mobilebert(args) -> int:
+    from kdcache.pipeline.common.jsonout import print_json
+    from kdcache.pipeline.student.mobilebert import init_mobilebert_student
+
+    wrong = [f for f, v in (("--layers", args.layers), ("--num-layers", args.num_layers),
+                            ("--hidden-size", args.hidden_size), ("--embedding-init", args.embedding_init),
+                            *_small_flags(args)) if v]
+    if wrong:
+        raise ValueError(f"{', '.join(wrong)}: not for a MobileBERT student, which keeps the teacher's depth and "
+                         "width between blocks; it takes --bottleneck, --ffn-stack, --embedding-size, "
+                         "--intermediate-size, --num-heads")
+    record = init_mobilebert_student(
+        args.teacher, args.out, bottleneck=args.bottleneck or 128, ffn_stack=args.ffn_stack or 4,
+        embedding_size=args.embedding_size or 128, intermediate_size=args.intermediate_size,
+        num_heads=args.num_heads, seed=args.seed, allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code)
+    if args.json:
+        print_json(record)
+    else:
+        print(f"mobilebert student in {args.out}: {record['num_layers']} layers x {record['hidden_size']} between "
+              f"blocks, bottleneck {record['bottleneck']}, {record['ffn_stack']} stacked FFNs of "
+              f"{record['intermediate_size']}, {record['num_heads']} heads; {record['params']:,} parameters "
+              f"(teacher encoder {record['teacher_encoder_params']:,})")
+    return 0
+
+
+def _small_flags(args) -> tuple[tuple[str, Any], ...]:
+    return (("--hidden", args.hidden), ("--dense", args.dense), ("--filters", args.filters),
+            ("--kernel-sizes", args.kernel_sizes), ("--pooling", args.pooling), ("--pair", args.pair))
+
+
 def cmd_init_student(args) -> int:
     from kdcache.pipeline.common.jsonout import print_json
     from kdcache.pipeline.student.models import init_student_from_teacher
 
     if args.architecture_config:
         return _init_from_architecture(args)
+    if args.architecture == "mobilebert":
+        return _init_mobilebert(args)
+    if args.bottleneck or args.ffn_stack:
+        raise ValueError("--bottleneck, --ffn-stack: MobileBERT students only (add --architecture mobilebert)")
     if args.architecture != "transformer":
         return _init_small_student(args)
-    small_only = [f for f, v in (("--hidden", args.hidden), ("--dense", args.dense), ("--filters", args.filters),
-                                 ("--kernel-sizes", args.kernel_sizes), ("--embedding-size", args.embedding_size),
-                                 ("--pooling", args.pooling), ("--pair", args.pair)) if v]
+    small_only = [f for f, v in (*_small_flags(args), ("--embedding-size", args.embedding_size)) if v]
     if small_only:
-        raise ValueError(f"{', '.join(small_only)}: BiLSTM/CNN students only (add --architecture bilstm or cnn)")
+        raise ValueError(f"{', '.join(small_only)}: BiLSTM/CNN (and, for --embedding-size, MobileBERT) students only "
+                         "(add --architecture bilstm, cnn or mobilebert)")
     layers = _ints("--layers", args.layers)
     record = init_student_from_teacher(args.teacher, args.out, layers=layers, num_layers=args.num_layers,
                                        hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
@@ -176,8 +211,10 @@ def register(subparsers) -> None:
     s.add_argument("--allow-pickle", action="store_true",
                    help="accept pickle (.bin) teacher weights, loaded with weights_only=True")
     s.add_argument("--seed", type=int, default=0, help="seed for randomly initialised weights")
-    s.add_argument("--architecture", choices=("transformer", "bilstm", "cnn", "cellcnn", "tinytransformer"), default="transformer",
-                   help="transformer: the teacher's own family (blocks copied or random); bilstm (Tang et al.), "
+    s.add_argument("--architecture", choices=("transformer", "mobilebert", "bilstm", "cnn", "cellcnn", "tinytransformer"),
+                   default="transformer",
+                   help="transformer: the teacher's own family (blocks copied or random); mobilebert: a bottleneck "
+                        "student with the teacher's depth and width between blocks (Sun et al.); bilstm (Tang et al.), "
                         "cnn (Kim), cellcnn (a searched AdaBERT-style cell) or tinytransformer (the search's "
                         "transformer family): small classifiers on the teacher's "
                         "tokenizer")
@@ -188,8 +225,14 @@ def register(subparsers) -> None:
                    help="embedding table: random, or the teacher's (projected onto its top principal directions "
                         "where the student is narrower; pca and teacher mean the same). Default: random for a "
                         "narrower transformer, teacher for bilstm/cnn")
+    m = s.add_argument_group("mobilebert students")
+    m.add_argument("--bottleneck", type=int, default=None,
+                   help="width inside each block: attention and the stacked FFNs run on it (default 128)")
+    m.add_argument("--ffn-stack", type=int, default=None, help="stacked feed-forward networks per block (default 4)")
     b = s.add_argument_group("bilstm / cnn students")
-    b.add_argument("--embedding-size", type=int, default=None, help="token embedding width (default: the teacher's)")
+    b.add_argument("--embedding-size", type=int, default=None,
+                   help="token embedding width (default: the teacher's; mobilebert: 128, widened by a 3-gram "
+                        "convolution)")
     b.add_argument("--num-labels", type=int, default=None, help="classes (default: the teacher's id2label, else 2)")
     b.add_argument("--hidden", type=int, default=None, help="bilstm: LSTM width per direction (default 300)")
     b.add_argument("--dense", type=int, default=None, help="bilstm: ReLU layer width (default 400)")

@@ -19,10 +19,16 @@ class TrainConfig:
         "student folder (save_pretrained layout, e.g. from `kdcache init-student`)"))
     out: str = field(default="", metadata=flag("run folder: student/, metrics.jsonl, tb/, ray/ (checkpoints)"))
     recipe: str = field(default="", metadata=flag(  # kept in the config for the record
-        "distilbert | tinybert-general | tinybert-task | lm | bilstm | cnn (pipeline/student/recipes/NAME.yaml) or a YAML file"))
+        "distilbert | tinybert-general | tinybert-task | mobilebert | mobilebert-task | lm | bilstm | cnn "
+        "(pipeline/student/recipes/NAME.yaml) or a YAML file"))
 
     # -- what to optimise: a preset of kdcache.pipeline.student.presets, then per-field overrides ------------------
-    loss: str = "distilbert"  # distilbert | tinybert-general | tinybert-task | lm | tang
+    loss: str = "distilbert"  # distilbert | tinybert-general | tinybert-task | mobilebert | lm | tang
+    # How the layer-wise terms are scheduled (kdcache.pipeline.student.phases): all terms at every step,
+    # layer-wise then prediction terms, or one phase per layer with the layers below frozen.
+    knowledge_transfer: str = field(default="auxiliary", metadata=flag(
+        "auxiliary (every term every step) | joint (layer-wise terms, then prediction terms) | progressive "
+        "(one phase per layer, lower layers frozen; MobileBERT)"))
     preset_args: dict | None = None  # extra preset arguments, e.g. {stage: intermediate}, {kd: sampled}
     loss_weights: dict | None = None  # merged over the preset's weights; 0 disables a term
     temperature: float | None = field(default=None, metadata=flag("KD temperature (default: the recipe's)"))

@@ -50,6 +50,8 @@ __all__ = [
     "hidden_mse_loss",
     "embedding_mse_loss",
     "attention_mse_loss",
+    "feature_map_losses",
+    "attention_transfer_loss",
     "soft_cross_entropy",
     "hard_ce",
     "uniform_layer_map",
@@ -450,6 +452,61 @@ def attention_mse_loss(
     log_s = torch.log(s.clamp(min=1e-12))
     kl = torch.where(pair, torch.xlogy(t, t) - t * log_s, torch.zeros((), device=s.device)).sum(-1)
     return _masked_mean(kl, m[:, None, :].expand(-1, heads, -1))
+
+
+def feature_map_losses(
+    student_h: torch.Tensor, teacher_h: torch.Tensor, mask: torch.Tensor, eps: float = 1e-5
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MobileBERT's feature-map transfer on one layer, split as its reference code does.
+
+    Returns, each averaged over real tokens:
+
+    * the MSE between the layer-normalised (no γ/β) teacher and student states, per hidden unit;
+    * the mean term: (μ_t − μ_s)², μ = a token's mean over the hidden units;
+    * the variance term: |σ²_t − σ²_s|, σ² = a token's variance over the hidden units.
+
+    Normalising first makes the main term independent of the scale that NoNorm (MobileBERT's
+    elementwise γ·h + β) leaves free; the two statistics terms then match that scale. Widths must be
+    equal (MobileBERT's student is as wide as its teacher between blocks: no projection).
+    """
+    _check_width(student_h, teacher_h, "feature_map_losses")
+    m = _bool_mask(mask)
+    t = torch.where(m[..., None], teacher_h.float(), torch.zeros((), device=mask.device))
+    s = student_h.float()
+    mu_t, mu_s = t.mean(-1, keepdim=True), s.mean(-1, keepdim=True)
+    var_t, var_s = t.var(-1, unbiased=False, keepdim=True), s.var(-1, unbiased=False, keepdim=True)
+    norm_t = (t - mu_t) * torch.rsqrt(var_t + eps)
+    norm_s = (s - mu_s) * torch.rsqrt(var_s + eps)
+    mse = _masked_mean((norm_s - norm_t).pow(2).mean(-1), m)
+    mean = _masked_mean((mu_s - mu_t).pow(2).squeeze(-1), m)
+    var = _masked_mean((var_s - var_t).abs().squeeze(-1), m)
+    return mse, mean, var
+
+
+def attention_transfer_loss(student_attn: torch.Tensor, teacher_attn: torch.Tensor,
+                            mask: torch.Tensor) -> torch.Tensor:
+    """MobileBERT's attention transfer on one layer: KL(teacher row ‖ student row) per head.
+
+    Summed over real keys, averaged over heads × real queries (padded queries and keys contribute
+    nothing). The cached rows (uint8 or fp16) are renormalised over the real keys first, so a
+    quantised row is a distribution again.
+
+    Head mapping: with S student heads and T = g·S teacher heads, student head h is compared with
+    the mean of teacher heads h·g … h·g + g − 1 (a mean of distributions is a distribution); S must
+    divide T.
+    """
+    s_heads, t_heads = student_attn.shape[1], teacher_attn.shape[1]
+    if t_heads % s_heads:
+        raise ValueError(f"attention transfer: the student's {s_heads} heads do not divide the teacher's "
+                         f"{t_heads}; give the student a head count that divides {t_heads}")
+    m = _bool_mask(mask)
+    keys = m[:, None, None, :]
+    t = torch.where(keys, torch.nan_to_num(teacher_attn.float()), torch.zeros((), device=mask.device))
+    if t_heads != s_heads:
+        B, _, T, K = t.shape
+        t = t.view(B, s_heads, t_heads // s_heads, T, K).mean(2)
+    t = t / t.sum(-1, keepdim=True).clamp(min=1e-12)
+    return attention_mse_loss(student_attn, t, mask, kind="kl")
 
 
 # --------------------------------------------------------------------------- #

@@ -12,7 +12,7 @@ from typing import Any, Callable
 from kdcache.pipeline.student.losses import uniform_layer_map
 from kdcache.pipeline.student.terms import LossSpec
 
-__all__ = ["PRESETS", "preset", "distilbert", "tinybert_general", "tinybert_task", "lm", "tang"]
+__all__ = ["PRESETS", "preset", "distilbert", "tinybert_general", "tinybert_task", "mobilebert", "lm", "tang"]
 
 
 def distilbert(n_student: int = 6, n_teacher: int = 12, kd_tail: str = "bucket") -> LossSpec:
@@ -54,6 +54,32 @@ def tinybert_task(
     if stage == "intermediate":
         return replace(tinybert_general(n_student, n_teacher), temperature=temperature)
     raise ValueError(f"stage must be 'pred' or 'intermediate', got {stage!r}")
+
+
+def mobilebert(n_student: int = 24, n_teacher: int = 24, stage: str = "layerwise", temperature: float = 1.0,
+               alpha: float = 0.5) -> LossSpec:
+    """MobileBERT (Sun et al. 2020): layer-wise transfer, then the prediction stage.
+
+    ``stage="layerwise"``: feature-map transfer (fmt + its mean and variance terms) on every hidden
+    state, attention transfer (at) on every layer; student layer l ↔ teacher layer l (same depth;
+    a shallower student gets the uniform map). ``stage="pred"``: the task stage, α·CE on the gold
+    label + (1 − α)·soft CE on the cached task logits (the paper's α = 0.5); ``stage="mlm"``: the
+    pre-training-distillation stage of a masked-LM teacher, α·MLM + (1 − α)·KD on the cached top-k.
+    How the layer-wise terms are scheduled (progressive, joint, auxiliary) is the run's
+    `knowledge_transfer` (`kdcache.pipeline.student.phases`).
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    if stage == "layerwise":
+        layers = ([(i, i) for i in range(n_student + 1)] if n_student == n_teacher
+                  else uniform_layer_map(n_student, n_teacher))
+        return LossSpec(weights={"fmt": 1.0, "fmt_mean": 1.0, "fmt_var": 1.0, "at": 1.0}, temperature=temperature,
+                        layer_map=layers)
+    if stage == "pred":
+        return LossSpec(weights={"pred": 1.0 - alpha, "ce": alpha}, temperature=temperature)
+    if stage == "mlm":
+        return LossSpec(weights={"kd": 1.0 - alpha, "mlm": alpha}, temperature=temperature)
+    raise ValueError(f"stage must be 'layerwise', 'pred' or 'mlm', got {stage!r}")
 
 
 def lm(
@@ -103,6 +129,7 @@ PRESETS: dict[str, Callable[..., LossSpec]] = {
     "distilbert": distilbert,
     "tinybert-general": tinybert_general,
     "tinybert-task": tinybert_task,
+    "mobilebert": mobilebert,
     "lm": lm,
     "tang": tang,
 }

@@ -24,8 +24,10 @@ from kdcache.pipeline.student.head import row_columns
 from kdcache.pipeline.student.losses import (
     HiddenProjection,
     attention_mse_loss,
+    attention_transfer_loss,
     causal_lm_loss,
     cosine_hidden_loss,
+    feature_map_losses,
     hard_ce,
     hidden_mse_loss,
     logit_mse,
@@ -80,6 +82,9 @@ class LossSpec:
             raise ValueError(f"loss {what!r} needs LossSpec.layer_map")
         return self.layer_map
 
+    def all_pairs(self, what: str) -> list[tuple[int, int]]:
+        return list(self._pairs(what))
+
     def emb_pairs(self) -> list[tuple[int, int]]:
         return [p for p in self._pairs("emb") if p[0] == 0]
 
@@ -109,6 +114,9 @@ class Term:
     token_kd: bool = False  # per-token KD on the logits: kd_positions=masked restricts it to the mask positions
     projected: bool = False  # compares hidden states through a learned projection when the widths differ
     on_head: bool = False  # reads vocabulary logits row by row: `head_rows` / `head_loss` (student/head.py)
+    # compares layer pairs of `spec.layer_map` (emb/hidden/attn/fmt/at): progressive knowledge transfer
+    # gives each student layer a phase of its own (`kdcache.pipeline.student.phases`)
+    layerwise: bool = False
 
     def columns(self, spec: LossSpec) -> set[str]:
         """The cache columns it reads, by their decoded names (`topk_ids`, not the codec's leaves)."""
@@ -323,7 +331,7 @@ class Cosine(Term):
 class _HiddenMSE(Term):
     """TinyBERT's MSE between hidden states, through the projection when the widths differ."""
 
-    outputs, projected = ("hidden_states",), True
+    outputs, projected, layerwise = ("hidden_states",), True, True
 
     def pairs(self, spec: LossSpec) -> list[tuple[int, int]]:
         raise NotImplementedError
@@ -366,7 +374,7 @@ class Hidden(_HiddenMSE):
 
 @register
 class Attention(Term):
-    name, outputs = "attn", ("attentions",)
+    name, outputs, layerwise = "attn", ("attentions",), True
     about = "attention_mse_loss summed over layer-map pairs with student index >= 1"
 
     def columns(self, spec):
@@ -387,6 +395,79 @@ class Attention(Term):
         att = _out(outputs, "attentions")
         return sum(attention_mse_loss(att[s - 1], batch[f"attention_{t}"], mask, spec.attention_kind,
                                       spec.average_heads) for s, t in spec.layer_pairs("attn"))
+
+
+class _FeatureMap(Term):
+    """MobileBERT's feature-map transfer (`feature_map_losses`) on every pair of the layer map, 0
+    included; `part` picks the normalised MSE (fmt), the mean term (fmt_mean) or the variance term
+    (fmt_var). Summed over layers, like the TinyBERT terms."""
+
+    outputs, layerwise = ("hidden_states",), True
+    part = 0
+
+    def columns(self, spec):
+        return {f"hidden_{t}" for _, t in spec.all_pairs(self.name)}
+
+    def layers(self, spec):
+        return [("hidden", s, t) for s, t in spec.all_pairs(self.name)]
+
+    def problem(self, spec, student, cache_spec):
+        s_h, t_h = student["hidden_size"], cache_spec.hidden_size or None
+        if s_h and t_h and s_h != t_h:
+            return (f"loss {self.name!r} (MobileBERT feature-map transfer) compares layer l with layer l without a "
+                    f"projection, but the student is {s_h} wide between blocks and the teacher {t_h}: make the "
+                    "student with `kdcache init-student --architecture mobilebert` (as wide as its teacher), or "
+                    f"set loss_weights.{self.name}=0")
+        return None
+
+    def compute(self, spec, outputs, batch, mask, proj):
+        hs = _out(outputs, "hidden_states")
+        return sum(feature_map_losses(hs[s], batch[f"hidden_{t}"], mask)[self.part]
+                   for s, t in spec.all_pairs(self.name))
+
+
+@register
+class FeatureMap(_FeatureMap):
+    name, part = "fmt", 0
+    about = "MobileBERT feature-map transfer: MSE of the layer-normalised hidden states, summed over layer-map pairs"
+
+
+@register
+class FeatureMean(_FeatureMap):
+    name, part = "fmt_mean", 1
+    about = "MobileBERT feature-map statistics: (mean_t - mean_s)^2 of each token's hidden state, summed over pairs"
+
+
+@register
+class FeatureVariance(_FeatureMap):
+    name, part = "fmt_var", 2
+    about = "MobileBERT feature-map statistics: |var_t - var_s| of each token's hidden state, summed over pairs"
+
+
+@register
+class AttentionTransfer(Term):
+    name, outputs, layerwise = "at", ("attentions",), True
+    about = ("MobileBERT attention transfer: KL(teacher || student) per head over real tokens, summed over "
+             "layer-map pairs with student index >= 1 (student head h vs the mean of teacher head group h)")
+
+    def columns(self, spec):
+        return {f"attention_{t}" for _, t in spec.layer_pairs("at")}
+
+    def layers(self, spec):
+        return [("attention", s, t) for s, t in spec.layer_pairs("at")]
+
+    def problem(self, spec, student, cache_spec):
+        heads, t_heads = student["num_heads"], cache_spec.num_heads
+        if heads and t_heads and t_heads % heads:
+            return (f"loss 'at' compares each student head with a group of teacher heads, but the student's {heads} "
+                    f"heads do not divide the teacher's {t_heads}: make the student with a head count that divides "
+                    f"{t_heads} (`kdcache init-student --architecture mobilebert --num-heads N`)")
+        return None
+
+    def compute(self, spec, outputs, batch, mask, proj):
+        att = _out(outputs, "attentions")
+        return sum(attention_transfer_loss(att[s - 1], batch[f"attention_{t}"], mask)
+                   for s, t in spec.layer_pairs("at"))
 
 
 # --------------------------------------------------------------------------- #
@@ -502,20 +583,25 @@ class CompositeLoss(nn.Module):
             return None
         return partial(self.proj, index=self._proj_index.get(pair, 0))
 
-    def compute(self, student_outputs: Any, batch: Mapping[str, torch.Tensor]):
-        """Return ``(total, {name: unweighted detached value})``."""
+    def compute(self, student_outputs: Any, batch: Mapping[str, torch.Tensor], spec: LossSpec | None = None):
+        """Return ``(total, {name: unweighted detached value})``.
+
+        ``spec``: a subset of the constructor's (fewer terms or layer pairs: a phase of the run);
+        its pairs find their projections by pair, as the full spec's do.
+        """
+        spec = spec or self.spec
         mask = batch["attention_mask"]
         parts: dict[str, torch.Tensor] = {}
         total = None
-        for name, w in self.weights.items():
-            val = TERMS[name].compute(self.spec, student_outputs, batch, mask, self._proj_for)
+        for name, w in spec.active().items():
+            val = TERMS[name].compute(spec, student_outputs, batch, mask, self._proj_for)
             if not torch.is_tensor(val):  # sum over an empty pair list
-                raise ValueError(f"loss {name!r} has no layer pairs to compare in {self.spec.layer_map}")
+                raise ValueError(f"loss {name!r} has no layer pairs to compare in {spec.layer_map}")
             parts[name] = val.detach()
             total = w * val if total is None else total + w * val
         if total is None:
             raise ValueError("LossSpec has no loss with a non-zero weight")
         return total, parts
 
-    def forward(self, student_outputs: Any, batch: Mapping[str, torch.Tensor]):
-        return self.compute(student_outputs, batch)
+    def forward(self, student_outputs: Any, batch: Mapping[str, torch.Tensor], spec: LossSpec | None = None):
+        return self.compute(student_outputs, batch, spec)

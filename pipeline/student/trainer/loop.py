@@ -18,8 +18,8 @@ from kdcache.pipeline.student.trainer.checkpoint import Position, open_session, 
 from kdcache.pipeline.student.trainer.data import RankStream, prefetched, to_device
 from kdcache.pipeline.student.trainer.metrics import MetricsSink, reduce_losses, step_metrics
 from kdcache.pipeline.student.trainer.plan import RunPlan, plan_run
-from kdcache.pipeline.student.trainer.step import (Components, broadcast_parameters, build_components, lr_at,
-                                                   step_seed, train_step)
+from kdcache.pipeline.student.trainer.step import (Components, broadcast_parameters, build_components, enter_phase,
+                                                   lr_at, step_seed, train_step)
 
 
 def train_loop(config: dict[str, Any]) -> dict[str, Any]:
@@ -38,38 +38,46 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     plan = plan_run(cfg, check_tokenizer=False)  # the driver already compared tokenizers
     c = build_components(cfg, plan, device, world)
     reader = CacheReader(cfg.cache, verify=cfg.verify)
-    stream = RankStream(reader, plan.columns, cfg.batch_size, rank, world, cfg.seed, cfg.shuffle, cfg.shuffle_buffer)
     pos = restore_checkpoint(session, cfg, plan, c)
     resumed_from = pos.step
     if world > 1:
         broadcast_parameters(c)
     sink = MetricsSink(cfg, rank, pos.step, plan.steps)
 
-    # -- train: a batch, a step, its metrics, a checkpoint every `checkpoint_every` steps and at the end
-    batches = _batches(stream, pos, cfg.prefetch, rank)
+    # -- train: phase by phase (one, unless knowledge_transfer splits the run), each reading only its
+    # columns; in a phase: a batch, a step, its metrics, a checkpoint every `checkpoint_every` steps
     first_batch_at = None
-    t_data = time.perf_counter()
     try:
-        while pos.step < plan.steps:
-            batch = next(batches)
-            data_s = time.perf_counter() - t_data
-            if first_batch_at is None:
-                first_batch_at = time.time()  # start-up ends here: worker up, student loaded, data flowing
-            pos.step += 1
-            faults.before_step(cfg.fail_at_step, cfg.fail_rank, pos.step, rank, cfg.out)
-
-            t0 = time.perf_counter()
-            n_rows, sample_ids = batch.pop("rows"), batch.pop("sample_id").tolist()
-            batch = to_device(batch, device)
-            total, parts = train_step(c, batch, step_seed(cfg.seed, pos.step, rank))
-            pos.rows += n_rows
-            vals = reduce_losses(total, parts, float(batch["attention_mask"].sum()), world)
-            step_s = time.perf_counter() - t0
-            sink.log(step_metrics(pos.step, pos.epoch, parts, vals, lr_at(c, pos.step), step_s, data_s), sample_ids)
-
-            if pos.step % max(1, cfg.checkpoint_every) == 0 or pos.step == plan.steps:
-                save_checkpoint(session, cfg, plan, c, pos, dict(sink.last))
+        for phase in (p for p in plan.phases if p.end > pos.step):
+            enter_phase(c, phase)
+            stream = RankStream(reader, phase.columns, cfg.batch_size, rank, world, cfg.seed, cfg.shuffle,
+                                cfg.shuffle_buffer)
+            batches = _batches(stream, pos, cfg.prefetch, rank)
             t_data = time.perf_counter()
+            while pos.step < phase.end:
+                batch = next(batches)
+                data_s = time.perf_counter() - t_data
+                if first_batch_at is None:
+                    first_batch_at = time.time()  # start-up ends here: worker up, student loaded, data flowing
+                pos.step += 1
+                faults.before_step(cfg.fail_at_step, cfg.fail_rank, pos.step, rank, cfg.out)
+
+                t0 = time.perf_counter()
+                n_rows, sample_ids = batch.pop("rows"), batch.pop("sample_id").tolist()
+                batch = to_device(batch, device)
+                total, parts = train_step(c, batch, step_seed(cfg.seed, pos.step, rank))
+                pos.rows += n_rows
+                vals = reduce_losses(total, parts, float(batch["attention_mask"].sum()), world)
+                step_s = time.perf_counter() - t0
+                metrics = step_metrics(pos.step, pos.epoch, parts, vals, lr_at(c, pos.step), step_s, data_s)
+                if len(plan.phases) > 1:
+                    metrics["phase"] = phase.name
+                sink.log(metrics, sample_ids)
+
+                if pos.step % max(1, cfg.checkpoint_every) == 0 or pos.step == plan.steps:
+                    save_checkpoint(session, cfg, plan, c, pos, dict(sink.last))
+                t_data = time.perf_counter()
+            batches.close()  # its read-ahead is dropped: the next phase reads on from `pos`
     finally:
         sink.close()
 

@@ -77,7 +77,8 @@ class MetricsSink:
                     if k.startswith("loss") or k in ("lr", "tokens_per_s"):
                         self.tb.add_scalar(k.replace("loss_", "loss/"), v, step)
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:,.0f}",
+            extra = {"phase": metrics["phase"]} if "phase" in metrics else {}
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:,.0f}", **extra,
                                  refresh=False)
             self.bar.update(1)
 

@@ -12,6 +12,7 @@ from typing import Any
 from kdcache.pipeline.common.hf import TOKENIZER_FILES
 from kdcache.pipeline.student.config import TrainConfig
 from kdcache.pipeline.student.losses import parse_layer_map
+from kdcache.pipeline.student.phases import Phase, build_phases
 from kdcache.pipeline.student.presets import PRESETS, preset
 from kdcache.pipeline.student.terms import TERMS, CompositeLoss, LossSpec, required_columns
 from kdcache.pipeline.student.trainer.adapter import describe_student
@@ -33,6 +34,7 @@ class RunPlan:
     cache_fingerprint: str
     needs_hidden: bool
     needs_attentions: bool
+    phases: list[Phase]  # one unless knowledge_transfer splits the run; each reads only its columns
 
     @property
     def rows_per_rank(self) -> list[int]:
@@ -48,6 +50,7 @@ class RunPlan:
                 "projection": bool(self.teacher_hidden and self.student["hidden_size"]
                                    and self.teacher_hidden != self.student["hidden_size"]
                                    and any(t.projected for t in s.active_terms())),
+                "knowledge_transfer": [p.summary() for p in self.phases],
                 "cache_fingerprint": self.cache_fingerprint}
 
 
@@ -128,12 +131,20 @@ def plan_run(cfg: TrainConfig, *, check_tokenizer: bool | None = None) -> RunPla
 
     # 4. data: which rows each rank reads (row groups, not shards: any number of workers up to those)
     data = _assignment(cfg, reader)
-    steps = cfg.steps or data.steps
+    steps = int(cfg.steps or data.steps)
+
+    # 5. knowledge transfer: the run's phases, each reading only the columns of its own terms
+    try:
+        phases = build_phases(cfg.knowledge_transfer, spec, steps)
+    except ValueError as exc:
+        raise CompatibilityError(str(exc)) from None
+    for phase in phases:
+        phase.columns = columns if len(phases) == 1 else _columns(cfg, phase.spec, reader)
     terms = spec.active_terms()
-    return RunPlan(loss_spec=spec, columns=columns, steps=int(steps), data=data.summary(), student=student,
+    return RunPlan(loss_spec=spec, columns=columns, steps=steps, data=data.summary(), student=student,
                    teacher_layers=n_teacher, teacher_hidden=t_h, cache_fingerprint=header.fingerprint,
                    needs_hidden=any("hidden_states" in t.outputs for t in terms),
-                   needs_attentions=any("attentions" in t.outputs for t in terms))
+                   needs_attentions=any("attentions" in t.outputs for t in terms), phases=phases)
 
 
 def _check_options(cfg: TrainConfig) -> None:

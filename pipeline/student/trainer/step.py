@@ -15,6 +15,7 @@ import torch.nn as nn
 from kdcache.pipeline.common.runtime import amp_dtype
 from kdcache.pipeline.student.config import TrainConfig
 from kdcache.pipeline.student.head import head_losses
+from kdcache.pipeline.student.phases import Phase, apply_phase
 from kdcache.pipeline.student.terms import TERMS, CompositeLoss
 from kdcache.pipeline.student.trainer.adapter import HFStudent, build_student
 from kdcache.pipeline.student.trainer.plan import RunPlan
@@ -33,20 +34,25 @@ class DistillLoss(nn.Module):
     def __init__(self, spec, student_hidden: int | None, teacher_hidden: int | None, kd_positions: str = "all",
                  head: bool = False, logit_chunk: int = 0):
         super().__init__()
-        self.kd_name = next((t.name for t in spec.active_terms() if t.token_kd), None)
-        self.masked = kd_positions == "masked" and self.kd_name is not None
+        self.kd_positions, self.head, self.logit_chunk = kd_positions, head, logit_chunk
+        # Built once for the whole spec: it owns the learned projection (in the optimiser and the
+        # checkpoint); a phase of the run (`select`) uses a subset of its terms and layer pairs.
+        self.composite = CompositeLoss(spec, student_hidden, teacher_hidden)
+        self.select(spec)
+
+    def select(self, spec) -> None:
+        """Compute `spec`'s terms from now on (a knowledge-transfer phase: a subset of the run's)."""
         self.spec = spec
-        self.logit_chunk = logit_chunk
+        self.kd_name = next((t.name for t in spec.active_terms() if t.token_kd), None)
+        self.masked = self.kd_positions == "masked" and self.kd_name is not None
         active = spec.active()
-        self.head_terms = [(t.name, active[t.name]) for t in spec.active_terms() if t.on_head] if head else []
+        self.head_terms = [(t.name, active[t.name]) for t in spec.active_terms() if t.on_head] if self.head else []
         self.kd_weight = active.get(self.kd_name, 0.0) if self.masked and not self.head_terms else 0.0
         apart = {n for n, _ in self.head_terms} | ({self.kd_name} if self.kd_weight else set())
-        rest = {k: v for k, v in active.items() if k not in apart}
-        self.composite = CompositeLoss(dataclasses.replace(spec, weights=rest), student_hidden, teacher_hidden) \
-            if rest else None
+        self.rest = dataclasses.replace(spec, weights={k: v for k, v in active.items() if k not in apart})
 
     def forward(self, outputs, batch):
-        total, parts = (self.composite(outputs, batch) if self.composite is not None else (None, {}))
+        total, parts = self.composite(outputs, batch, self.rest) if self.rest.active() else (None, {})
         if self.head_terms:
             hidden = getattr(outputs, "head_input", None)
             if hidden is None:
@@ -90,15 +96,19 @@ def build_optimizer(cfg: TrainConfig, modules: list[nn.Module]) -> torch.optim.O
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_eps)
 
 
-def build_scheduler(cfg: TrainConfig, optimizer, total_steps: int):
-    warmup = cfg.warmup_steps or int(round(cfg.warmup_ratio * total_steps))
+def build_scheduler(cfg: TrainConfig, optimizer, total_steps: int, phases: list[Phase] | None = None):
+    """Warmup then the schedule's decay; with several phases it restarts in each, over its own steps."""
+    bounds = [(p.start, p.end) for p in phases] if phases else [(0, total_steps)]
 
     def factor(step: int) -> float:  # step = optimiser steps already taken
+        start, end = next(((a, b) for a, b in bounds if step < b), bounds[-1])
+        n, step = end - start, step - start
+        warmup = min(cfg.warmup_steps, n) if cfg.warmup_steps else int(round(cfg.warmup_ratio * n))
         if step < warmup:
             return (step + 1) / warmup
         if cfg.schedule == "constant":
             return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        progress = min(1.0, (step - warmup) / max(1, n - warmup))
         if cfg.schedule == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * progress))
         return 1.0 - progress
@@ -168,8 +178,15 @@ def build_components(cfg: TrainConfig, plan: RunPlan, device: torch.device, worl
     optimizer = build_optimizer(cfg, [student, loss_fn])
     params = [p for g in optimizer.param_groups for p in g["params"]]
     amp = amp_dtype(cfg.autocast, device)
-    return Components(student, loss_fn, optimizer, build_scheduler(cfg, optimizer, plan.steps), params, device, amp,
-                      world_size, cfg.max_grad_norm)
+    return Components(student, loss_fn, optimizer, build_scheduler(cfg, optimizer, plan.steps, plan.phases), params,
+                      device, amp, world_size, cfg.max_grad_norm)
+
+
+def enter_phase(c: Components, phase: Phase) -> int:
+    """From now on: the phase's terms, and only its parameters train (the optimiser was built over
+    all of them, so a later phase can unfreeze what this one freezes). Returns the trainable count."""
+    c.loss_fn.select(phase.spec)
+    return apply_phase(c.student, phase)
 
 
 def train_step(c: Components, batch: dict[str, Any], seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
