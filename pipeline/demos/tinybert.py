@@ -1,14 +1,19 @@
 """`kdcache demo`: TinyBERT's two stages on a real teacher and real text, all offline, then the report.
 
 1. General distillation: the pretrained all-MiniLM-L6-v2 encoder runs once over Wikipedia lead
-   extracts on a local Ray cluster; its embedding output, hidden states 2/4/6 and attention maps
-   2/4/6 land in a cache; a student with half the layers and half the width (a learned projection
-   bridges the widths) is trained from the cache by Ray Train, without the teacher.
+   extracts on a local Ray cluster; its embedding output, every hidden state and every attention map
+   land in a cache; a student with half the layers and half the width (a learned projection bridges
+   the widths) is trained from the cache by Ray Train (hidden states 0/2/4/6, attention 2/4/6),
+   without the teacher.
 2. Task-specific distillation on Rotten Tomatoes (fixed split, `kdcache.pipeline.tasks.data`): the teacher is
    fine-tuned with a classification head; it runs once more over the training split — with the
    mapped hidden/attention layers for the intermediate stage, and over the training split plus
    augmented copies for its prediction logits; the general student is trained on the intermediate
    losses, then on the logits. A baseline of the same shape is fine-tuned on the gold labels only.
+   MobileBERT (`demos/mobilebert.py`): a bottleneck student with the teacher's depth and width
+   between blocks learns layer l from layer l of the same Wikipedia cache (progressive and auxiliary
+   knowledge transfer, same steps), then its prediction stage from the same logits cache; no-KD
+   baseline beside it.
 3. Low-resource students (`demos/small_students.py`, Tang et al. 2019): the task teacher scores Tang's
    augmented transfer set in one logits-only pass; BiLSTM and CNN students (3 seeds in the default
    profile) train from that cache, each beside a no-KD baseline (two ablations with `--ablations`).
@@ -43,6 +48,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "small": {"n_iter": 2, "seeds": 1, "steps": 100, "batch_size": 64},
         # `kdcache search` (demos/searched.py): trials per search (Optuna and random), steps, seeds retrained
         "search": {"trials": 4, "steps": 40, "report_every": 20, "seeds": 1},
+        # MobileBERT (demos/mobilebert.py): general stage (7 progressive phases), prediction stage
+        "mobilebert": {"general_steps": 14, "batch_size": 16, "lr": 1e-3, "task_steps": 40, "task_batch_size": 32,
+                       "task_lr": 5e-4},
         "eval_rounds": 2,
     },
     "default": {
@@ -51,6 +59,8 @@ PROFILES: dict[str, dict[str, Any]] = {
                  "intermediate_steps": 300, "pred_steps": 1500, "batch_size": 32},
         "small": {"n_iter": 10, "seeds": 3, "steps": 1000, "batch_size": 64},
         "search": {"trials": 8, "steps": 600, "report_every": 150, "seeds": 3},
+        "mobilebert": {"general_steps": 350, "batch_size": 32, "lr": 1e-3, "task_steps": 500, "task_batch_size": 32,
+                       "task_lr": 5e-4},
         "eval_rounds": 5,
     },
 }
@@ -194,7 +204,7 @@ def _run_demo(quick: bool, out: str | None, log=print, ablations: bool = False) 
     from kdcache.pipeline.student.models import init_student_from_teacher, with_classification_head
     from kdcache.pipeline.tasks.data import augment, prepare_rotten_tomatoes
     from kdcache.pipeline.common.jsonout import read_jsonl, write_jsonl
-    from kdcache.pipeline.demos import searched, small_students
+    from kdcache.pipeline.demos import mobilebert, searched, small_students
     from kdcache.pipeline.evaluation.report import check_targets, write_report
     from kdcache.storage import CacheReader
 
@@ -223,8 +233,8 @@ def _run_demo(quick: bool, out: str | None, log=print, ablations: bool = False) 
         cache_general = root / "cache-general"
         forward_calls += _cache(
             log, teacher=str(teacher), corpus=[str(assets.wiki_extracts_json())], text_field="extract",
-            out=str(cache_general), mode="pack", max_length=128, top_k=0, hidden_layers="0,2,4,6",
-            attention_layers="2,4,6", attention_dtype="uint8", max_sequences=g["sequences"])["forward_calls"]
+            out=str(cache_general), mode="pack", max_length=128, top_k=0, hidden_layers="all",
+            attention_layers="all", attention_dtype="uint8", max_sequences=g["sequences"])["forward_calls"]
 
         stage("2/8 general distillation from the cache (Ray Train): embedding + hidden + attention losses; "
               "stage 3 beside it")
@@ -300,6 +310,11 @@ def _run_demo(quick: bool, out: str | None, log=print, ablations: bool = False) 
         _wait_runs(log, beside)
         baseline = root / "baseline" / "student"
 
+        stage("6c/8 MobileBERT: layer-wise transfer from the general cache, progressive vs auxiliary KT; the "
+              "prediction stage from the logits cache; a no-KD baseline")
+        mobile = mobilebert.train_mobilebert(root, teacher, cache_general, cache_logits, cache_inter,
+                                             profile["mobilebert"], _start_runs, _wait_runs, log)
+
         stage("7/8 low-resource students: BiLSTM and CNN from the transfer-set cache, each with a no-KD baseline")
         small = small_students.train_small_students(root, task_teacher, cache_transfer, cache_inter, sm, _train_many,
                                                      log)
@@ -319,6 +334,7 @@ def _run_demo(quick: bool, out: str | None, log=print, ablations: bool = False) 
     task = "rotten-tomatoes" if not limits["test"] else str(splits["test"])
     timed = {name: str(small[name][0]) for arch in small_students.SHAPES for name in (arch, f"{arch} baseline (no KD)")}
     timed["searched"] = searches["optuna"]["summary"]["final"][0]["students"][0]
+    timed.update({name: str(mobile[name]) for name in (mobilebert.ROWS["progressive"], mobilebert.ROWS["baseline"])})
     flat = run_eval(str(task_teacher), {"student": str(student), **timed}, task, root / "report",
                     baseline=str(baseline), runs={k: str(v) for k, v in runs.items()}, data_dir=root / "data",
                     targets=TARGETS, rounds=profile["eval_rounds"], log=log)
@@ -328,12 +344,13 @@ def _run_demo(quick: bool, out: str | None, log=print, ablations: bool = False) 
     students, section = small_students.summarize(flat["models"], small, rows, augmentation)
     students["searched"], search_section = searched.summarize(
         flat["models"], searches, {arch: small[arch] for arch in small_students.SHAPES}, rows, root / "report")
+    students["mobilebert"], mobile_section = mobilebert.summarize(flat["models"], mobile, rows, root)
     notice = "" if not quick else (
         "**Quick profile: a smoke test.** Its runs are a few dozen steps, too short to compare quality: students "
         "and their no-KD baselines may tie or trail, and the targets below are reported, not expected to be met. "
         "`kdcache demo` (the default profile) gives the figures.")
     write_report(root / "report", flat, {k: str(v) for k, v in runs.items()}, targets=TARGETS,
-                 extra=section + "\n\n" + search_section, notice=notice)
+                 extra="\n\n".join((mobile_section, section, search_section)), notice=notice)
     students = {"tinybert": {"params": flat["student_params"], "speedup_batch1": flat["speedup_batch1"],
                              "speedup_batch32": flat["speedup_batch32"], "quality_retained": flat["quality_retained"],
                              "baseline_quality_retained": flat["baseline_quality_retained"],

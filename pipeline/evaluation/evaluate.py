@@ -45,7 +45,10 @@ def model_shape(model) -> dict[str, Any]:
     table = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else getattr(model, "embed", None)
     emb = table.weight.numel() if isinstance(table, torch.nn.Embedding) else 0
     config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "num_hidden_layers"):
+    if config is not None and getattr(config, "model_type", None) == "mobilebert":
+        shape = {"architecture": "mobilebert", "layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
+                 "bottleneck": config.intra_bottleneck_size}
+    elif config is not None and hasattr(config, "num_hidden_layers"):
         shape = {"architecture": "transformer", "layers": config.num_hidden_layers, "hidden_size": config.hidden_size}
     elif hasattr(model, "lstm"):
         shape = {"architecture": "bilstm", "layers": 1, "hidden_size": model.lstm.hidden_size}

@@ -82,6 +82,8 @@ def _shape(m: dict[str, Any]) -> str:
         return f"CNN, {m['hidden_size']} filters"
     if arch == "cellcnn":
         return f"cell CNN {m['layers']} × {m['hidden_size']}"
+    if arch == "mobilebert":
+        return f"MobileBERT {m['layers']} × {m['hidden_size']} (bottleneck {m['bottleneck']})"
     if arch == "tinytransformer":
         return f"tiny transformer {m['layers']} × {m['hidden_size']}"
     return f"{m['layers']} × {m['hidden_size']}"

@@ -106,7 +106,12 @@ _RESUME_WHY = {"workers": " (a run resumes only with the workers it started with
 
 def _state_of(cfg: TrainConfig, plan: RunPlan, step: int) -> dict[str, Any]:
     return {"step": step, "cache_fingerprint": plan.cache_fingerprint, "data_order": DATA_ORDER,
-            **{k: getattr(cfg, k) for k in RESUME_KEYS}, "config": dataclasses.asdict(cfg)}
+            **{k: getattr(cfg, k) for k in RESUME_KEYS}, "config": dataclasses.asdict(cfg),
+            "phases": _phase_bounds(plan)}
+
+
+def _phase_bounds(plan: RunPlan) -> list[list]:
+    return [[p.name, p.start, p.end] for p in plan.phases]
 
 
 def check_resume(state: dict[str, Any], cfg: TrainConfig, plan: RunPlan, where: str) -> None:
@@ -118,6 +123,11 @@ def check_resume(state: dict[str, Any], cfg: TrainConfig, plan: RunPlan, where: 
                      f"({state.get('data_order') or 'whole shards per worker'}; this kdcache: {DATA_ORDER})")
     if state.get("cache_fingerprint") != plan.cache_fingerprint:
         diffs.append("the cache differs (fingerprint)")
+    saved_phases, phases = state.get("phases"), _phase_bounds(plan)
+    if saved_phases is not None and saved_phases != phases and max(len(saved_phases), len(phases)) > 1:
+        # a step belongs to another phase when the steps or the schedule change (phases split the steps)
+        diffs.append(f"its knowledge-transfer phases differ (checkpoint {saved_phases}, now {phases}: keep steps= "
+                     "and knowledge_transfer= as they were)")
     if diffs:
         raise CompatibilityError(f"{where} holds a checkpoint (step {state.get('step')}) that this run cannot resume "
                                  f"exactly: {'; '.join(diffs)}. Re-run with the same settings, or use another --out / "

@@ -90,8 +90,10 @@ def build_loss_spec(cfg: TrainConfig, n_student: int, n_teacher: int, targets: s
             raise ValueError(f"layer_map must be 'auto' or 'S:T,S:T,...', got {cfg.layer_map!r}; in a YAML file "
                              "quote it, or YAML reads '2:4' as a base-60 number")
         changes["layer_map"] = parse_layer_map(str(cfg.layer_map), n_student, n_teacher)
-    elif spec.layer_map is not None and student_map:
-        # A copied student knows which teacher block each of its blocks came from.
+    elif student_map and (spec.layer_map is not None or any(
+            w and n in TERMS and TERMS[n].layerwise for n, w in changes.get("weights", spec.weights).items())):
+        # A copied student knows which teacher block each of its blocks came from (a MobileBERT student:
+        # l <-> l); layer-wise terms switched on through loss_weights in a preset without a map use it too.
         changes["layer_map"] = [tuple(p) for p in student_map]
     if cfg.cos_layer:
         changes["cos_layer"] = _pair(cfg.cos_layer)

@@ -32,11 +32,11 @@ def test_demo_quick_runs_both_stages_evaluates_and_reuses_its_work(tmp_path):
     assert report["test_examples"] == 400 and report["teacher_pass_forward_calls"] > 0
     models = report["models"]
     assert set(models) == {"teacher", "student", "baseline", "bilstm", "bilstm baseline (no KD)", "cnn",
-                           "cnn baseline (no KD)", "searched"}
+                           "cnn baseline (no KD)", "searched", "mobilebert", "mobilebert baseline (no KD)"}
     assert models["student"]["params"] == models["baseline"]["params"]  # same shape
     # The seed's table from one teacher pass: every student keyed, with the same figures.
     students = report["students"]
-    assert set(students) == {"tinybert", "bilstm", "cnn", "searched"}
+    assert set(students) == {"tinybert", "mobilebert", "bilstm", "cnn", "searched"}
     for name, s in students.items():
         for key in ("params", "speedup_batch1", "speedup_batch32", "quality_retained", "baseline_quality_retained"):
             assert isinstance(s[key], (int, float)) or (name, key) == ("searched", "baseline_quality_retained"), \
@@ -45,6 +45,18 @@ def test_demo_quick_runs_both_stages_evaluates_and_reuses_its_work(tmp_path):
     for arch in ("bilstm", "cnn"):
         assert students[arch]["params"] == models[arch]["params"] > models[arch]["params_without_embeddings"]
         assert models[arch]["architecture"] == arch and students[arch]["speedup_batch32"] > 1
+    # MobileBERT: the teacher's depth and width between blocks, >= 2.5x fewer parameters, its baseline the same shape
+    mobile = students["mobilebert"]
+    assert models["mobilebert"]["architecture"] == "mobilebert" and models["mobilebert"]["hidden_size"] == 384
+    assert models["mobilebert"]["layers"] == 6 and mobile["size_ratio"] >= 2.5
+    assert models["mobilebert baseline (no KD)"]["params"] == mobile["params"]
+    assert set(mobile["targets_met"]) == {"size_ratio", "speedup_batch32", "quality_retained", "above_baseline",
+                                          "progressive_at_least_auxiliary"}
+    assert isinstance(mobile["auxiliary_kt_accuracy"], float)
+    progressive = [json.loads(x) for x in (out / "mobilebert" / "general-progressive" / "metrics.jsonl")
+                   .read_text().splitlines()]
+    assert [r["phase"] for r in progressive][::2] == ["embeddings", *(f"layer {i}" for i in range(1, 7))]
+    assert set(json.loads((out / "mobilebert" / "baseline" / "summary.json").read_text())["loss_weights"]) == {"ce"}
     # the searched student: two 4-trial searches over the transfer-set cache, the best retrained
     found = students["searched"]
     assert found["baseline_quality_retained"] is None and found["trials"] == {"optuna": 4, "random": 4}
@@ -69,6 +81,7 @@ def test_demo_quick_runs_both_stages_evaluates_and_reuses_its_work(tmp_path):
     text = (out / "report" / "report.md").read_text()
     assert report["headline"] in text and "keeps" in report["headline"]
     assert "## Low-resource students" in text and "| cnn baseline (no KD) |" in text
+    assert "## MobileBERT" in text and "| mobilebert baseline (no KD) |" in text
     assert "## Searched student" in text and "Quick profile: a smoke test" in text.split("## Targets")[0]
     assert (out / "report" / "size_speed_quality.png").stat().st_size > 0
     assert (out / "report" / "training_curves.png").stat().st_size > 0

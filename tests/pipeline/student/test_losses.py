@@ -493,7 +493,8 @@ def test_composite_task_and_plain_dict_outputs():
 
 
 def test_every_term_is_declared_in_the_registry():
-    assert set(terms.TERMS) == {"kd", "rskd", "mlm", "clm", "cos", "emb", "hidden", "attn", "pred", "ce", "logit_mse"}
+    assert set(terms.TERMS) == {"kd", "rskd", "mlm", "clm", "cos", "emb", "hidden", "attn", "pred", "ce", "logit_mse", "fmt",
+                                  "fmt_mean", "fmt_var", "at"}
     for name, term in terms.TERMS.items():
         assert term.name == name and term.about
         assert set(term.outputs) <= {"logits", "hidden_states", "attentions"}
