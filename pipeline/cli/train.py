@@ -172,8 +172,8 @@ def cmd_init_student(args) -> int:
         return _init_small_student(args)
     small_only = [f for f, v in (*_small_flags(args), ("--embedding-size", args.embedding_size)) if v]
     if small_only:
-        raise ValueError(f"{', '.join(small_only)}: BiLSTM/CNN (and, for --embedding-size, MobileBERT) students only "
-                         "(add --architecture bilstm, cnn or mobilebert)")
+        also = "; --embedding-size also mobilebert" if args.embedding_size else ""
+        raise ValueError(f"{', '.join(small_only)}: BiLSTM/CNN students only (add --architecture bilstm or cnn{also})")
     layers = _ints("--layers", args.layers)
     record = init_student_from_teacher(args.teacher, args.out, layers=layers, num_layers=args.num_layers,
                                        hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
