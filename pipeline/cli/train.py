@@ -133,14 +133,17 @@ def _init_mobilebert(args) -> int:
 
     wrong = [f for f, v in (("--layers", args.layers), ("--num-layers", args.num_layers),
                             ("--hidden-size", args.hidden_size), ("--embedding-init", args.embedding_init),
+                            ("--num-labels", args.num_labels),
                             *_small_flags(args)) if v]
     if wrong:
         raise ValueError(f"{', '.join(wrong)}: not for a MobileBERT student, which keeps the teacher's depth and "
                          "width between blocks; it takes --bottleneck, --ffn-stack, --embedding-size, "
                          "--intermediate-size, --num-heads")
     record = init_mobilebert_student(
-        args.teacher, args.out, bottleneck=args.bottleneck or 128, ffn_stack=args.ffn_stack or 4,
-        embedding_size=args.embedding_size or 128, intermediate_size=args.intermediate_size,
+        args.teacher, args.out, bottleneck=128 if args.bottleneck is None else args.bottleneck,
+        ffn_stack=4 if args.ffn_stack is None else args.ffn_stack,
+        embedding_size=128 if args.embedding_size is None else args.embedding_size,
+        intermediate_size=args.intermediate_size,
         num_heads=args.num_heads, seed=args.seed, allow_pickle=args.allow_pickle,
         trust_remote_code=args.trust_remote_code)
     if args.json:
@@ -166,7 +169,7 @@ def cmd_init_student(args) -> int:
         return _init_from_architecture(args)
     if args.architecture == "mobilebert":
         return _init_mobilebert(args)
-    if args.bottleneck or args.ffn_stack:
+    if args.bottleneck is not None or args.ffn_stack is not None:
         raise ValueError("--bottleneck, --ffn-stack: MobileBERT students only (add --architecture mobilebert)")
     if args.architecture != "transformer":
         return _init_small_student(args)

@@ -60,8 +60,8 @@ def _match_embedding_norm(norm, weights: TeacherWeights, rows: torch.Tensor) -> 
     """Start the embedding NoNorm at the teacher's output scale.
 
     The teacher's embedding output is LayerNorm(x) = γ·(x − μ)/σ + β, per token; NoNorm is γ'·x + β'
-    with no per-token statistics. With μ and σ taken as their medians over the token table (rows
-    at position 1), γ' = γ/σ and β' = β − γ·μ/σ give the teacher's scale from the first step, which
+    with no per-token statistics. With μ and σ taken as their medians over `rows` (the student's
+    embedding sums at position 1, before the norm), γ' = γ/σ and β' = β − γ·μ/σ give the teacher's scale from the first step, which
     the variance term would otherwise have to reach by growing γ' from 1 (tens of times over).
     """
     keys = {k for k in weights.keys() if k.endswith(("embeddings.LayerNorm.weight", "embeddings.LayerNorm.gamma"))}
@@ -144,8 +144,10 @@ def init_mobilebert_student(
         w.zero_()
         w[:, embedding_size:2 * embedding_size] = proj
         mean = word.mean(0)  # P spans the centred table: the bias restores its mean
-        emb.embedding_transformation.bias.copy_(mean - (mean @ proj) @ proj.T)
-        _match_embedding_norm(emb.LayerNorm, weights, word + position[1] + token_type[0])
+        bias = mean - (mean @ proj) @ proj.T
+        emb.embedding_transformation.bias.copy_(bias)
+        # the student's rows (the table seen through P), not the teacher's: their spread is smaller
+        _match_embedding_norm(emb.LayerNorm, weights, (word @ proj) @ proj.T + bias + position[1] + token_type[0])
 
     out_dir.mkdir(parents=True, exist_ok=True)
     student.save_pretrained(str(out_dir))

@@ -77,6 +77,9 @@ def joint(spec: LossSpec, steps: int) -> list[Phase]:
     layerwise, rest = _parts(spec)
     if not layerwise or not rest:
         return auxiliary(spec, steps)
+    if steps < 2:
+        raise ValueError(f"knowledge_transfer=joint runs the layer-wise terms, then the prediction terms, but the run "
+                         f"has {steps} step(s): give it at least 2 (steps=N)")
     (a0, a1), (b0, b1) = _split(steps, 2)
     return [Phase("layer-wise terms", a0, a1, dataclasses.replace(spec, weights=layerwise)),
             Phase("prediction terms", b0, b1, dataclasses.replace(spec, weights=rest))]
@@ -129,11 +132,13 @@ def layer_group(name: str) -> int | None:
     return None
 
 
-def apply_phase(module: nn.Module, phase: Phase) -> int:
+def apply_phase(module: nn.Module, phase: Phase, trainable: set[int] | None = None) -> int:
     """Switch `requires_grad` for the phase; returns how many parameters train.
 
-    Frozen parameters get no gradient, so AdamW leaves them (and their moments) untouched, and
-    the backward pass stops at the lowest trainable layer.
+    `trainable`: ids of the parameters the run trains at all (the optimiser's); one frozen by the
+    student itself (a factory's fixed embedding table) stays frozen in every phase. Frozen
+    parameters get no gradient, so AdamW leaves them (and their moments) untouched, and the
+    backward pass stops at the lowest trainable layer.
     """
     inner = getattr(module, "model", module)
     getter = getattr(inner, "get_input_embeddings", None)
@@ -141,7 +146,8 @@ def apply_phase(module: nn.Module, phase: Phase) -> int:
     token_table = getattr(table, "weight", None)
     n = 0
     for name, p in module.named_parameters():
-        on = phase.train is None or (layer_group(name) in phase.train and p is not token_table)
+        on = (trainable is None or id(p) in trainable) and (
+            phase.train is None or (layer_group(name) in phase.train and p is not token_table))
         p.requires_grad_(on)
         n += p.numel() if on else 0
     if n == 0:

@@ -448,7 +448,8 @@ class FeatureVariance(_FeatureMap):
 class AttentionTransfer(Term):
     name, outputs, layerwise = "at", ("attentions",), True
     about = ("MobileBERT attention transfer: KL(teacher || student) per head over real tokens, summed over "
-             "layer-map pairs with student index >= 1 (student head h vs the mean of teacher head group h)")
+             "layer-map pairs with student index >= 1 (student head h vs the mean of teacher head group h); "
+             "attention_kind and average_heads are the attn term's, not this one's")
 
     def columns(self, spec):
         return {f"attention_{t}" for _, t in spec.layer_pairs("at")}

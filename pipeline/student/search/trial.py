@@ -189,6 +189,9 @@ def fit_candidate(arch: dict[str, Any], train: dict[str, Any], setup: SearchSetu
         "progress": False, "tensorboard": False, "no_ray": True, "check_tokenizer": bool(setup.embeddings)},
         [f"preset_args.alpha={train['alpha']}", f"preset_args.distill={train['distill']}"])
     plan = plan_run(cfg)
+    if len(plan.phases) > 1:  # the trial's loop below has no phases
+        raise ValueError(f"search trials train one phase; knowledge_transfer={cfg.knowledge_transfer} splits this "
+                         "loss into several: use knowledge_transfer=auxiliary")
     c = build_components(cfg, plan, torch.device("cpu"))
     reader = CacheReader(setup.cache, verify="full")
     columns = sorted({*plan.columns, "sample_id"})

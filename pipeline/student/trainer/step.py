@@ -186,7 +186,7 @@ def enter_phase(c: Components, phase: Phase) -> int:
     """From now on: the phase's terms, and only its parameters train (the optimiser was built over
     all of them, so a later phase can unfreeze what this one freezes). Returns the trainable count."""
     c.loss_fn.select(phase.spec)
-    return apply_phase(c.student, phase)
+    return apply_phase(c.student, phase, trainable={id(p) for p in c.params})
 
 
 def train_step(c: Components, batch: dict[str, Any], seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -471,6 +471,9 @@ def test_joint_and_progressive_with_prediction_terms_end_with_a_prediction_phase
     assert set(layerwise.spec.active()) == {"fmt", "at"} and layerwise.spec.layer_map == [(0, 0), (1, 1)]
     assert set(prediction.spec.active()) == {"pred", "ce"}
     assert layerwise.train is None and prediction.train is None
+    with pytest.raises(ValueError, match="joint runs the layer-wise terms, then the prediction terms, but the run "
+                                         "has 1 step"):
+        build_phases("joint", spec, 1)  # else its prediction phase would be empty
     phases = build_phases("progressive", spec, 9)
     assert [(p.name, p.train, set(p.spec.active())) for p in phases] == [
         ("embeddings", (0,), {"fmt"}), ("layer 1", (1,), {"fmt", "at"}), ("prediction terms", None, {"pred", "ce"})]
@@ -522,3 +525,30 @@ def test_task_stage_with_layerwise_terms_runs_joint_as_layerwise_then_prediction
 def test_bad_knowledge_transfer_is_refused(setup, overrides, message):
     with pytest.raises(CompatibilityError, match=message):
         validate(_cfg(setup, "bad", steps=3, overrides=overrides))
+
+
+def test_a_parameter_the_student_froze_stays_frozen_in_every_phase():
+    # e.g. the LLM demo's factory freezes the tied embedding: no phase may switch its gradient back on
+    import torch.nn as nn
+
+    from kdcache.pipeline.student.phases import Phase, apply_phase
+    from kdcache.pipeline.student.terms import LossSpec
+
+    model = nn.Module()
+    model.embeddings = nn.Embedding(5, 3)
+    model.encoder = nn.Module()
+    model.encoder.layer = nn.ModuleList([nn.Linear(3, 3), nn.Linear(3, 3)])
+    model.classifier = nn.Linear(3, 2)
+    model.embeddings.weight.requires_grad_(False)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    spec = LossSpec(weights={"ce": 1.0})
+
+    def on():
+        return {n for n, p in model.named_parameters() if p.requires_grad}
+
+    apply_phase(model, Phase("all terms", 0, 4, spec), trainable)
+    assert "embeddings.weight" not in on() and "classifier.weight" in on()
+    apply_phase(model, Phase("layer 2", 0, 4, spec, (2,)), trainable)
+    assert on() == {"encoder.layer.1.weight", "encoder.layer.1.bias"}
+    with pytest.raises(ValueError, match="no parameters there"):
+        apply_phase(model, Phase("embeddings", 0, 4, spec, (0,)), trainable)
