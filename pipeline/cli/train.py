@@ -139,13 +139,11 @@ def _init_mobilebert(args) -> int:
         raise ValueError(f"{', '.join(wrong)}: not for a MobileBERT student, which keeps the teacher's depth and "
                          "width between blocks; it takes --bottleneck, --ffn-stack, --embedding-size, "
                          "--intermediate-size, --num-heads")
-    record = init_mobilebert_student(
-        args.teacher, args.out, bottleneck=128 if args.bottleneck is None else args.bottleneck,
-        ffn_stack=4 if args.ffn_stack is None else args.ffn_stack,
-        embedding_size=128 if args.embedding_size is None else args.embedding_size,
-        intermediate_size=args.intermediate_size,
-        num_heads=args.num_heads, seed=args.seed, allow_pickle=args.allow_pickle,
-        trust_remote_code=args.trust_remote_code)
+    given = {k: v for k, v in (("bottleneck", args.bottleneck), ("ffn_stack", args.ffn_stack),
+                               ("embedding_size", args.embedding_size)) if v is not None}  # else its defaults
+    record = init_mobilebert_student(args.teacher, args.out, intermediate_size=args.intermediate_size,
+                                     num_heads=args.num_heads, seed=args.seed, allow_pickle=args.allow_pickle,
+                                     trust_remote_code=args.trust_remote_code, **given)
     if args.json:
         print_json(record)
     else:
